@@ -1,0 +1,27 @@
+"""autoshard: train an unmodified PyTorch model on many GPUs.
+
+``autoshard(model, mesh)`` captures the model with ``torch.export``, rewrites its graph with
+tensor- and data-parallel passes, and returns a :class:`ShardedModule` whose ``train_step``
+computes the same function as the model on one device.
+"""
+
+from autoshard.runtime import (
+    AutoshardError,
+    CaptureError,
+    Mesh,
+    MeshError,
+    ParamPlan,
+    Plan,
+    PlanError,
+    PlanMismatchError,
+)
+
+from .api import ShardedModule, autoshard
+from .launch import launch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoshardError", "CaptureError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
+    "PlanMismatchError", "ShardedModule", "autoshard", "launch",
+]

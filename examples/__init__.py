@@ -1,0 +1,1 @@
+"""Runnable example models and scripts (installed as ``autoshard.examples`` for the demo and tests)."""

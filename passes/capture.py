@@ -1,0 +1,67 @@
+"""Capture: an unmodified ``nn.Module`` → an aten-level FX ``GraphModule`` via ``torch.export``.
+
+Non-strict export in training IR keeps autograd-visible aten ops, lifts parameters and buffers to
+``get_attr`` nodes of the unlifted module, and records ``nn_module_stack`` and ``stack_trace`` on
+every node, which the passes use to name modules and source lines. Hugging Face models are captured
+with ``config.use_cache = False`` (a ``DynamicCache`` in the output cannot be exported) and their
+``ModelOutput`` results pass through unchanged thanks to pytree registration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import traceback
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+
+from autoshard.runtime.errors import CaptureError
+
+
+@contextlib.contextmanager
+def _capture_mode(model: torch.nn.Module, training: bool):
+    cfg = getattr(model, "config", None)
+    old_cache = getattr(cfg, "use_cache", None) if cfg is not None else None
+    was_training = model.training
+    try:
+        if cfg is not None and old_cache is not None:
+            cfg.use_cache = False
+        model.train(training)
+        yield
+    finally:
+        if cfg is not None and old_cache is not None:
+            cfg.use_cache = old_cache
+        model.train(was_training)
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple[Any, ...] = (),
+    kwargs: dict[str, Any] | None = None,
+    *,
+    training: bool = True,
+) -> GraphModule:
+    """Export ``model(*args, **kwargs)`` to an aten-level graph module that shares its parameters.
+
+    Raises :class:`CaptureError` quoting the export failure and what to try.
+    """
+    kwargs = dict(kwargs or {})
+    try:
+        with _capture_mode(model, training):
+            ep = torch.export.export(model, tuple(args), kwargs, strict=False)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        last = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if len(last) > 1500:
+            last = last[:1500] + " ..."
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}:\n  {last}\n"
+            "What to try: make the forward free of data-dependent Python control flow and of "
+            "non-tensor outputs (for Hugging Face models pass use_cache=False), check that the "
+            "example inputs match what the model expects, or run "
+            "torch.export.export(model, args, strict=False) yourself to see the failing line."
+        ) from e
+    gm = ep.module()
+    if not isinstance(gm, GraphModule):  # pragma: no cover - torch always returns one today
+        raise CaptureError(f"torch.export returned {type(gm).__name__}, expected a GraphModule")
+    return gm

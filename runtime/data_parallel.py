@@ -1,0 +1,110 @@
+"""Data-parallel gradient averaging: bucketed all-reduce launched during backward.
+
+Parameters are grouped into buckets of about ``bucket_bytes`` in the order their gradients become
+ready (the reverse of first use in the forward graph). When every gradient of bucket ``k`` has been
+accumulated *and* buckets ``0..k-1`` have been launched, bucket ``k``'s gradients are flattened and
+an asynchronous all-reduce starts, so communication overlaps the rest of backward. Launching in
+bucket order keeps the collectives identical in kind and order on every rank (contract 2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import collectives as C
+
+
+def make_buckets(names_in_grad_order: list[str], nbytes: dict[str, int], bucket_bytes: int) -> list[list[str]]:
+    """Greedy consecutive packing of parameter names into buckets of about ``bucket_bytes``."""
+    buckets: list[list[str]] = []
+    cur: list[str] = []
+    size = 0
+    for n in names_in_grad_order:
+        cur.append(n)
+        size += nbytes[n]
+        if size >= bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+class GradientSync:
+    """Averages gradients over a data-parallel group, one flat all-reduce per bucket."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], buckets: list[list[str]], group: str, size: int) -> None:
+        self.params = params
+        self.buckets = [[n for n in b if params[n].requires_grad] for b in buckets]
+        self.buckets = [b for b in self.buckets if b]
+        self.group = group
+        self.size = size
+        self._bucket_of = {n: i for i, b in enumerate(self.buckets) for n in b}
+        self._pending: list[int] = []
+        self._ready: list[set[str]] = []
+        self._launched: list[tuple[object, torch.Tensor] | None] = []
+        self._next = 0
+        self._handles = []
+        self.active = size > 1
+        if self.active:
+            for name in self._bucket_of:
+                self._handles.append(params[name].register_post_accumulate_grad_hook(self._make_hook(name)))
+
+    def _make_hook(self, name: str):
+        def hook(p: torch.Tensor) -> None:
+            if not self._armed:
+                return
+            i = self._bucket_of[name]
+            self._ready[i].add(name)
+            self._launch_ready()
+
+        return hook
+
+    def begin(self) -> None:
+        """Arm the hooks for one backward pass."""
+        self._armed = self.active
+        self._ready = [set() for _ in self.buckets]
+        self._launched = [None] * len(self.buckets)
+        self._next = 0
+
+    _armed = False
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
+            self._launch(self._next)
+            self._next += 1
+
+    def _launch(self, i: int) -> None:
+        grads = []
+        for n in self.buckets[i]:
+            p = self.params[n]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            grads.append(p.grad.reshape(-1))
+        flat = torch.cat(grads).div_(self.size)
+        work = C.all_reduce_(flat, self.group, async_op=True)
+        self._launched[i] = (work, flat)
+
+    def finish(self) -> None:
+        """Launch what backward did not reach (unused parameters), wait, and write averages back."""
+        if not self.active:
+            return
+        while self._next < len(self.buckets):
+            self._launch(self._next)
+            self._next += 1
+        for i, item in enumerate(self._launched):
+            work, flat = item
+            if work is not None:
+                work.wait()
+            off = 0
+            for n in self.buckets[i]:
+                g = self.params[n].grad
+                k = g.numel()
+                g.copy_(flat[off:off + k].view_as(g))
+                off += k
+        self._armed = False
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,21 @@
+"""Errors autoshard raises. Each message names the cause and a fix."""
+
+
+class AutoshardError(Exception):
+    """Base class of every error autoshard raises on purpose."""
+
+
+class MeshError(AutoshardError, ValueError):
+    """The mesh does not fit the world (wrong world size, bad degrees, no process group)."""
+
+
+class PlanError(AutoshardError, ValueError):
+    """The requested parallelisation is impossible for this model (e.g. indivisible dims)."""
+
+
+class CaptureError(AutoshardError, RuntimeError):
+    """torch.export could not capture the model."""
+
+
+class PlanMismatchError(AutoshardError, RuntimeError):
+    """Ranks built different plans; running on would deadlock or compute garbage."""

@@ -1,0 +1,163 @@
+"""Plan: the serialisable record of every parallelisation decision.
+
+A Plan is plain data (JSON-compatible dicts and lists): mesh degrees, the placement of every
+parameter on the tensor-parallel dimension, the collectives the rewritten graph performs, the ops
+that fell back to replicated execution (with their source lines), the data-parallel gradient
+buckets, notes that say why, and estimates. Checkpoints store it; ranks compare its
+:attr:`fingerprint` at start-up, so two ranks with different plans fail loudly instead of hanging.
+
+Placements are written as DTensor prints them (``"S(0)"``, ``"R"``) and read back into
+:mod:`torch.distributed.tensor` placement types by :meth:`Plan.placement`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch.distributed.tensor import Partial, Replicate, Shard
+from torch.distributed.tensor.placement_types import Placement
+
+PLAN_VERSION = 1
+
+
+def placement_str(p: Placement) -> str:
+    """Canonical text of a placement: ``R``, ``S(d)`` or ``P``."""
+    if isinstance(p, Shard):
+        return f"S({p.dim})"
+    if isinstance(p, Partial):
+        return "P"
+    return "R"
+
+
+def parse_placement(text: str) -> Placement:
+    m = re.fullmatch(r"S\((-?\d+)\)", text)
+    if m:
+        return Shard(int(m.group(1)))
+    if text == "P":
+        return Partial()
+    if text == "R":
+        return Replicate()
+    raise ValueError(f"not a placement: {text!r}")
+
+
+@dataclass
+class ParamPlan:
+    shape: list[int]
+    placement: str  # on the tp dimension
+    local_shape: list[int]
+    role: str  # column | row | vocab | replicated
+    blocks: int = 1  # >1: the sharded dim is `blocks` equal segments, each split (fused qkv)
+    aliases: list[str] = field(default_factory=list)  # other state-dict names of this tensor (tied)
+
+
+@dataclass
+class Plan:
+    mesh: dict[str, int]
+    params: dict[str, ParamPlan] = field(default_factory=dict)
+    buffers: list[str] = field(default_factory=list)
+    collectives: list[dict[str, Any]] = field(default_factory=list)
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    dp_buckets: list[list[str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    estimates: dict[str, float] = field(default_factory=dict)
+    version: int = PLAN_VERSION
+
+    # ------------------------------------------------------------------ queries
+    def placement(self, name: str) -> Placement:
+        """The tp-dimension placement of parameter ``name`` as a DTensor placement."""
+        return parse_placement(self.params[name].placement)
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        return dict(self.mesh)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fingerprint"] = self.fingerprint
+        return d
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        d = json.loads(text)
+        if not isinstance(d, dict) or "mesh" not in d:
+            raise ValueError("not an autoshard plan: expected a JSON object with a 'mesh' key")
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
+        fp = d.pop("fingerprint", None)
+        d["params"] = {k: ParamPlan(**v) for k, v in d.get("params", {}).items()}
+        plan = cls(**d)
+        if fp is not None and fp != plan.fingerprint:
+            raise ValueError("plan fingerprint does not match its content: the file was altered or corrupted")
+        return plan
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 over the decisions (not the estimates): equal on every rank of one run."""
+        d = asdict(self)
+        d.pop("estimates")
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ text
+    def summary(self) -> str:
+        deg = ", ".join(f"{k}={v}" for k, v in self.mesh.items() if v > 1) or "single device"
+        roles = Counter(p.role for p in self.params.values())
+        coll = Counter(c["op"] for c in self.collectives)
+        return (
+            f"plan {self.fingerprint}: {deg}; params "
+            + ", ".join(f"{n} {r}" for r, n in sorted(roles.items()))
+            + f"; per step: {sum(coll.values())} tp collectives ("
+            + ", ".join(f"{n} {op}" for op, n in sorted(coll.items()))
+            + f"); {len(self.dp_buckets)} dp buckets; {len(self.fallbacks)} fallbacks"
+        )
+
+    def explain(self) -> str:
+        """A report a person can read: what was decided for each parameter, and why."""
+        lines = [self.summary(), ""]
+        tp = self.mesh.get("tp", 1)
+        lines.append(f"Tensor parallel (tp={tp}):")
+        if tp == 1:
+            lines.append("  tp=1: every parameter is whole on every rank.")
+        width = max((len(n) for n in self.params), default=10)
+        why = {
+            "column": "column-parallel: output features split, feeds a row-parallel or sharded op",
+            "row": "row-parallel: input features split, partial sums all-reduced once",
+            "vocab": "vocab-parallel embedding: rows split, lookups masked, partial sums all-reduced",
+            "replicated": "replicated",
+        }
+        for name, p in self.params.items():
+            extra = f" in {p.blocks} fused segments" if p.blocks > 1 else ""
+            tied = f" (tied: {', '.join(p.aliases)})" if p.aliases else ""
+            lines.append(
+                f"  {name:<{width}}  {str(p.shape):<14} {p.placement:<5} local {str(p.local_shape):<14} "
+                f"{why.get(p.role, p.role)}{extra}{tied}"
+            )
+        if self.collectives:
+            lines += ["", "Collectives in the rewritten graph (forward; backward runs the conjugates):"]
+            for c in self.collectives:
+                lines.append(f"  {c['op']:<11} {c['node']:<28} {c['bytes']:>12,} B   {c.get('where', '')}")
+        lines += ["", "Fallbacks (ops run replicated, inputs gathered):"]
+        if not self.fallbacks:
+            lines.append("  none")
+        for f in self.fallbacks:
+            lines.append(f"  {f['op']} at {f['node']}: {f['reason']}  [{f.get('source', '?')}]")
+        if self.mesh.get("dp", 1) > 1:
+            nb = len(self.dp_buckets)
+            lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "
+                          "launched as soon as a bucket's gradients are ready in backward."]
+        if self.notes:
+            lines += ["", "Notes:"] + [f"  - {n}" for n in self.notes]
+        if self.estimates:
+            lines += ["", "Estimates (per rank):"]
+            for k, v in self.estimates.items():
+                lines.append(f"  {k}: {v:,.0f}")
+        return "\n".join(lines)
