@@ -10,7 +10,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -19,8 +19,8 @@ arguments to local sizes afterwards.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch.distributed.tensor import Partial, Replicate, Shard

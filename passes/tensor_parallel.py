@@ -42,7 +42,7 @@ from autoshard.runtime import tp_ops
 from autoshard.runtime.errors import PlanError
 from autoshard.runtime.plan import ParamPlan, placement_str
 
-from .sharding_rules import P, R, Context, Decision, is_tensor, replicate_rule, rule_for, shape, tensor_inputs
+from .sharding_rules import Context, Decision, P, R, is_tensor, replicate_rule, rule_for, shape, tensor_inputs
 
 aten = torch.ops.aten
 
