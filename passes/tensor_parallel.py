@@ -101,6 +101,7 @@ class Propagation:
     needs_grad: dict[Node, bool]
     gathered_origins: set[str] = field(default_factory=set)
     fallbacks: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 class _Propagator:
@@ -117,6 +118,7 @@ class _Propagator:
         self.decisions: dict[Node, Decision] = {}
         self.gathered: set[str] = set()
         self.fallbacks: list[dict] = []
+        self.notes: list[str] = []
 
     # ---------------------------------------------------------------- helpers
     def _param_shape(self, name: str) -> list[int]:
@@ -187,6 +189,8 @@ class _Propagator:
                 lay = self._layout(wname, Shard(out_dim), "column", blocks)
             else:
                 lay = self._layout(wname, R, "replicated")
+                self.notes.append(f"{wname}: replicated; neither its {n_out} output features nor its "
+                                  f"{k_in} input features split over tp={self.tp} with its input here")
             if bname is not None and bname not in self.layouts:
                 if lay.role == "column":
                     self._layout(bname, Shard(0), "column", lay.blocks)
@@ -232,6 +236,12 @@ class _Propagator:
                 lay = self._layout(wname, Shard(0), "vocab")
             else:
                 lay = self._layout(wname, R, "replicated")
+                if self.tp > 1:
+                    why = ("its indices are computed inside the model, not read from the inputs"
+                           if ids not in self.from_input else
+                           "it has a padding_idx" if padding_idx not in (-1, None) else
+                           f"{v} rows do not split over tp={self.tp}")
+                    self.notes.append(f"{wname}: embedding kept replicated ({why})")
         if lay.placement == "S(0)" and padding_idx in (-1, None):
             return Decision(P, {w: Shard(0), ids: R}, rewrite="vocab_embedding")
         if lay.placement == "S(1)":
@@ -295,7 +305,7 @@ class _Propagator:
                     self.origin[node] = self.origin.get(node.args[0], frozenset())
                 elif _not_replicated(d.out):
                     self.origin[node] = frozenset().union(*(self.origin.get(a, frozenset()) for a in ins))
-        return Propagation(ctx, self.decisions, self.layouts, self.needs_grad, self.gathered, self.fallbacks)
+        return Propagation(ctx, self.decisions, self.layouts, self.needs_grad, self.gathered, self.fallbacks, self.notes)
 
     def _account(self, node: Node, d: Decision, at_output: bool = False) -> None:
         """Note inputs that must be gathered: fallbacks for the plan, origins for re-planning."""
@@ -359,9 +369,7 @@ def plan_tensor_parallel(gm: GraphModule, tp: int, layouts: dict[str, ParamPlan]
             notes.append(f"{n}: kept replicated; a column split of it would be gathered right away")
         forced |= revert
     _check_attention(gm, result, tp)
-    for name, lay in result.layouts.items():
-        if lay.role == "replicated" and name not in forced and tp > 1 and len(lay.shape) == 2:
-            notes.append(f"{name}: replicated (no split of shape {lay.shape} divides over tp={tp} here)")
+    notes += result.notes
     # parameters never reached by a matmul/embedding rule: replicated
     for name, aliases in canonical_params(gm).items():
         if name not in result.layouts:

@@ -11,6 +11,7 @@ import torch
 
 def shard_tensor(full: torch.Tensor, dim: int, n: int, rank: int, blocks: int = 1) -> torch.Tensor:
     """This rank's shard of ``full`` (a contiguous copy)."""
+    dim %= full.dim()
     shp = list(full.shape)
     if shp[dim] % (n * blocks):
         raise ValueError(f"dim {dim} of size {shp[dim]} does not split into {blocks} blocks over {n} ranks")
@@ -21,6 +22,7 @@ def shard_tensor(full: torch.Tensor, dim: int, n: int, rank: int, blocks: int = 
 
 def unshard_tensor(pieces: list[torch.Tensor], dim: int, blocks: int = 1) -> torch.Tensor:
     """Inverse of :func:`shard_tensor` given every rank's shard in rank order."""
+    dim %= pieces[0].dim()
     ls = list(pieces[0].shape)
     seg = ls[dim] // blocks
     parts = [p.reshape(ls[:dim] + [blocks, seg] + ls[dim + 1:]) for p in pieces]

@@ -57,7 +57,7 @@ class Mesh:
     ) -> None:
         self.degrees: dict[str, int] = {"pp": pp, "dp": dp, "ep": ep, "tp": tp}
         for name, deg in self.degrees.items():
-            if not isinstance(deg, int) or deg < 1:
+            if not isinstance(deg, int) or isinstance(deg, bool) or deg < 1:
                 raise MeshError(f"mesh degree {name}={deg!r} must be a positive integer")
         unsupported = [d for d in DIM_ORDER if self.degrees[d] > 1 and d not in SUPPORTED_DIMS]
         if unsupported:

@@ -93,8 +93,11 @@ class Plan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         fp = d.pop("fingerprint", None)
-        d["params"] = {k: ParamPlan(**v) for k, v in d.get("params", {}).items()}
-        plan = cls(**d)
+        try:
+            d["params"] = {k: ParamPlan(**v) for k, v in d.get("params", {}).items()}
+            plan = cls(**d)
+        except TypeError as e:
+            raise ValueError(f"not a valid autoshard plan: {e}") from None
         if fp is not None and fp != plan.fingerprint:
             raise ValueError("plan fingerprint does not match its content: the file was altered or corrupted")
         return plan
