@@ -88,11 +88,14 @@ def _retarget_device(gm: GraphModule, device: torch.device) -> None:
     def fix(v):
         return device if isinstance(v, torch.device) else v
 
-    for node in gm.graph.nodes:
-        if node.op == "call_function":
-            node.args = tuple(fix(a) for a in node.args)
-            node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
-    gm.recompile()
+    for mod in gm.modules():  # the top graph and the subgraphs of higher-order ops
+        if not isinstance(mod, GraphModule):
+            continue
+        for node in mod.graph.nodes:
+            if node.op == "call_function":
+                node.args = tuple(fix(a) for a in node.args)
+                node.kwargs = {k: fix(v) for k, v in node.kwargs.items()}
+        mod.recompile()
 
 
 class ShardedModule(torch.nn.Module):
