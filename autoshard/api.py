@@ -321,9 +321,9 @@ class ShardedModule(torch.nn.Module):
         leaves = [x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor)]
         s = torch.tensor([float(x.double().sum()) if x.numel() else 0.0 for x in leaves] or [0.0],
                          dtype=torch.float64, device=self.mesh.device)
-        ref = s.clone()
-        dist.broadcast(ref, src=self.mesh.ranks_along("tp")[0], group=self.mesh.group("tp").group)
-        if not torch.equal(ref, s):
+        every = [torch.empty_like(s) for _ in range(self._tp)]
+        dist.all_gather(every, s, group=self.mesh.group("tp").group)  # every rank decides alike
+        if not all(torch.equal(every[0], t) for t in every):
             raise ValueError(
                 "ranks that differ only in tp were given different batches: each must load the slice "
                 f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
