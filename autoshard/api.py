@@ -11,22 +11,26 @@ import hashlib
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.fx import GraphModule
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from autoshard.passes.capture import capture
 from autoshard.passes.data_parallel import gradient_order
+from autoshard.passes.pipeline_split import split_stages
 from autoshard.passes.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 from autoshard.runtime import collectives as C
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
 from autoshard.runtime.errors import PlanError, PlanMismatchError
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
-from autoshard.runtime.mesh import DIM_ORDER, Mesh
+from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
+from autoshard.runtime.pipeline import PipelineRunner
 from autoshard.runtime.plan import Plan, parse_placement
+from autoshard.runtime.schedules import Schedule, build_schedule
 
 Inputs = tuple | list | dict | torch.Tensor
 
@@ -39,6 +43,10 @@ def autoshard(
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
     bucket_mb: float = 25.0,
+    schedule: str = "1f1b",
+    microbatches: int | None = None,
+    virtual_stages: int = 1,
+    split_points: list[str] | None = None,
 ) -> ShardedModule:
     """Shard ``model`` over ``mesh`` and return a module that trains it.
 
@@ -50,8 +58,17 @@ def autoshard(
             (a scalar tensor, or an output with ``.loss`` such as Hugging Face models given labels).
         optimizer: ``optimizer(params) -> torch.optim.Optimizer``; receives this rank's local shards.
         bucket_mb: data-parallel gradient bucket size.
+        schedule: pipeline schedule when ``mesh`` has ``pp > 1``: "gpipe", "1f1b", "interleaved_1f1b"
+            or "zero_bubble".
+        microbatches: how many microbatches the local batch is cut into (default ``2·pp`` when it
+            divides the local batch, else ``pp``).
+        virtual_stages: stages per pipeline rank (``interleaved_1f1b``).
+        split_points: module names where stages start (e.g. ``["model.layers.8"]``); default:
+            balanced cuts between repeated blocks.
     """
-    return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb)
+    return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
+                         schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
+                         split_points=split_points)
 
 
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:
@@ -98,71 +115,142 @@ def _retarget_device(gm: GraphModule, device: torch.device) -> None:
         mod.recompile()
 
 
+@dataclass
+class _Piped:
+    """A pipelined program: this rank's stages, their runner, and how to flatten inputs/outputs."""
+
+    runner: PipelineRunner
+    in_keys: list[str] | None
+    out_spec: Any
+
+    def flat(self, args: tuple, kwargs: dict) -> list:
+        if self.in_keys is not None:
+            missing = set(self.in_keys) ^ set(kwargs)
+            if missing:
+                raise TypeError(f"keyword inputs {sorted(kwargs)} do not match the captured {self.in_keys}")
+            kwargs = {k: kwargs[k] for k in self.in_keys}
+        return tree_flatten((args, kwargs))[0]
+
+
+def _batch_size(tree: Any) -> int:
+    sizes = [x.shape[0] for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    if not sizes:
+        raise PlanError("pipelining splits the batch into microbatches, but no input tensor has a batch dim")
+    return sizes[0]
+
+
+def _microbatches(tree: Any, batch: int, m: int) -> list[Any]:
+    """Cut every tensor whose dim 0 is the local batch into ``m`` equal microbatches."""
+    per = batch // m
+
+    def cut(i: int):
+        return tree_map(lambda x: x[i * per:(i + 1) * per] if isinstance(x, torch.Tensor) and x.dim() > 0
+                        and x.shape[0] == batch else x, tree)
+
+    return [cut(i) for i in range(m)]
+
+
 class ShardedModule(torch.nn.Module):
     """One rank's share of a model sharded by autoshard. Train with :meth:`train_step`."""
 
     def __init__(self, model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs, *, loss_fn=None,
-                 optimizer=None, bucket_mb: float = 25.0) -> None:
+                 optimizer=None, bucket_mb: float = 25.0, schedule: str = "1f1b", microbatches: int | None = None,
+                 virtual_stages: int = 1, split_points: list[str] | None = None) -> None:
         super().__init__()
         self.mesh = mesh
         self._model = [model]  # not registered: autoshard works on its own copies
         self.loss_fn = loss_fn
-        self._programs: dict[tuple, GraphModule] = {}
+        self._programs: dict[tuple, Any] = {}
         self._steps = 0
         self._skipped = 0
-        self._last_comm = {"tp": 0.0, "dp": 0.0}
+        self._last_comm: dict[str, float] = {}
         self._checked_inputs = False
         self._tp = mesh.size("tp")
-        self._tp_key = mesh.group("tp").name
-        self._dp_key = mesh.group("dp").name
+        self._pp = mesh.size("pp")
+        self._keys = {d: mesh.group(d).name for d in DIM_ORDER}
+        self._tp_key, self._dp_key = self._keys["tp"], self._keys["dp"]
         if not mesh.virtual:
             for d in DIM_ORDER:
                 C.register_group(mesh.group(d))
 
         args, kwargs = _as_call(example_inputs)
+        self.schedule: Schedule | None = None
+        self._m = 1
+        self._split_points = list(split_points) if split_points else None
+        if self._pp > 1:
+            local_b = _batch_size((args, kwargs))
+            m = microbatches if microbatches is not None else (2 * self._pp if local_b % (2 * self._pp) == 0 else self._pp)
+            if m < 1 or local_b % m:
+                raise PlanError(f"the local batch of {local_b} does not split into {m} microbatches: choose "
+                                f"microbatches dividing {local_b}, or a local batch divisible by {m}")
+            self.schedule = build_schedule(schedule, self._pp, m, virtual_stages)
+            self._m = m
+            args, kwargs = _microbatches((args, kwargs), local_b, m)[0]
+        elif (microbatches or 1) != 1 or virtual_stages != 1 or split_points:
+            raise PlanError("microbatches, virtual_stages and split_points need a pipeline: use Mesh(pp=...) > 1")
         gm = capture(model, args, kwargs, training=True)
-        self._tp_plan = plan_tensor_parallel(gm, self._tp)
-        layouts = self._tp_plan.layouts
-
-        # ---- this rank's shards (one per distinct tensor; tied names are aliases)
-        canonical = list(layouts)
-        tp_rank = mesh.coord("tp")
-        self._params: dict[str, torch.nn.Parameter] = {}
-        for n in canonical:
-            src = gm.get_parameter(n)
-            lay = layouts[n]
-            pl = parse_placement(lay.placement)
-            full = src.detach()
-            local = shard_tensor(full, pl.dim, self._tp, tp_rank, lay.blocks) if pl.is_shard() else full
-            self._params[n] = torch.nn.Parameter(local.to(mesh.device).clone(), requires_grad=src.requires_grad)
-        self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in gm.named_buffers()}
-        self._sd_keys = list(model.state_dict().keys())
-        self._alias_of = {a: n for n in canonical for a in [n, *layouts[n].aliases]}
-
-        # ---- lower the first program
         if loss_fn is None:
             _check_output_is_loss(gm)
-        program, collectives = self._lower(gm)
-        self._programs[_signature(True, args, kwargs)] = program
-        self.module = program  # registered: sm.parameters() are the local shards
+        self._tp_plan = plan_tensor_parallel(gm, self._tp)
+        layouts = self._tp_plan.layouts
+        self._params: dict[str, torch.nn.Parameter] = {}
+        self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in gm.named_buffers()}
+        self._sd_keys = list(model.state_dict().keys())
+        self._alias_of = {a: n for n in layouts for a in [n, *layouts[n].aliases]}
 
-        # ---- data parallel buckets
-        order = gradient_order(program, canonical)
+        program, full_gm, collectives, split = self._lower(gm)
+        self._programs[_signature(True, args, kwargs)] = program
+        if split is None:
+            self.module = program  # registered: sm.parameters() are the local shards
+        else:
+            self.module = torch.nn.ModuleDict({str(s): g for s, g in program.runner.stages.items()})
+
+        # ---- data parallel buckets (and, with a pipeline, how often each gradient accumulates)
+        order = gradient_order(full_gm, list(layouts))
         nbytes = {n: p.numel() * p.element_size() for n, p in self._params.items()}
-        buckets = make_buckets(order, nbytes, int(bucket_mb * 2**20)) if mesh.size("dp") > 1 else []
-        self._sync = GradientSync(self._params, buckets, self._dp_key, mesh.size("dp"))
+        full_bytes = {n: math.prod(lay.local_shape) * 4 for n, lay in layouts.items()}
+        bucket_bytes = int(bucket_mb * 2**20)
+        if mesh.size("dp") == 1:
+            buckets, my_buckets = [], []
+        elif split is None:
+            buckets = my_buckets = make_buckets(order, full_bytes, bucket_bytes)
+        else:  # one bucket list per pipeline rank, each over the parameters its stages hold
+            per_rank = []
+            for r in range(self._pp):
+                names = {n for s in range(split.num_stages) if self.schedule.rank_of(s) == r for n in split.params[s]}
+                per_rank.append(make_buckets([n for n in order if n in names], full_bytes, bucket_bytes))
+            buckets = [b for rb in per_rank for b in rb]
+            my_buckets = per_rank[mesh.coord("pp")]
+        expected = None
+        pipeline: dict[str, Any] = {}
+        self._tied: list[tuple[str, str]] = []
+        if split is not None:
+            mine = program.runner.stages
+            expected = {n: self._m * sum(n in split.params[s] for s in mine) for n in self._params}
+            self._tied = self._tied_groups(split)
+            self._stage_params_names = split.params
+            pipeline = {
+                "schedule": self.schedule.name, "microbatches": self._m,
+                "virtual_stages": self.schedule.virtual_stages, "split_points": self._split_points,
+                "stages": [{"stage": s, "pp_rank": self.schedule.rank_of(s), "blocks": split.stage_blocks[s],
+                            "params": len(split.params[s]), "flops": split.costs[s],
+                            "receives": len(split.recv[s])} for s in range(split.num_stages)],
+                "shared_params": split.shared_params,
+            }
+        self._sync = GradientSync(self._params, my_buckets, self._dp_key, mesh.size("dp"), expected=expected)
 
         self.plan = Plan(
             mesh=mesh.to_dict(),
-            params={n: layouts[n] for n in canonical},
+            params={n: layouts[n] for n in layouts},
             buffers=sorted(self._buffers_local),
             collectives=collectives,
             fallbacks=self._tp_plan.fallbacks,
             dp_buckets=buckets,
+            pipeline=pipeline,
             notes=list(self._tp_plan.notes),
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
-                "param_bytes_total": float(sum(math.prod(layouts[n].shape) * self._params[n].element_size() for n in canonical)),
+                "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
                 "tp_forward_comm_bytes": float(sum(c["bytes"] for c in collectives)),
             },
         )
@@ -170,34 +258,98 @@ class ShardedModule(torch.nn.Module):
         self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
 
     # ------------------------------------------------------------------ lowering
-    def _lower(self, gm: GraphModule) -> tuple[GraphModule, list[dict]]:
-        from autoshard.passes.tensor_parallel import TensorParallelPlan
+    def _local_param(self, name: str) -> torch.nn.Parameter:
+        """This rank's shard of parameter ``name``, created on first use from the model's tensor."""
+        p = self._params.get(name)
+        if p is None:
+            src = self._model[0].get_parameter(name)
+            lay = self._tp_plan.layouts[name]
+            pl = parse_placement(lay.placement)
+            full = src.detach()
+            local = shard_tensor(full, pl.dim, self._tp, self.mesh.coord("tp"), lay.blocks) if pl.is_shard() else full
+            p = torch.nn.Parameter(local.to(self.mesh.device).clone(), requires_grad=src.requires_grad)
+            self._params[name] = p
+        return p
 
-        plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
-        gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
-        for n, p in self._params.items():
+    def _bind(self, gm: GraphModule, names: list[str]) -> None:
+        """Point ``gm``'s parameter and buffer attributes (those it has) at this rank's tensors."""
+        for n in names:
+            p = self._local_param(n)
             for a in (n, *self._tp_plan.layouts[n].aliases):
-                _set_attr(gm, a, p)
+                if _has_attr(gm, a):
+                    _set_attr(gm, a, p)
         for n, b in self._buffers_local.items():
-            _set_attr(gm, n, b)
+            if _has_attr(gm, n):
+                _set_attr(gm, n, b)
         for node in gm.graph.nodes:  # tensor constants lifted by export
             if node.op == "get_attr" and node.target not in self._params and node.target not in self._buffers_local:
                 try:
                     v = _get_attr(gm, node.target)
                 except AttributeError:
                     continue
-                if isinstance(v, torch.Tensor) and v.device != self.mesh.device:
+                if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) and v.device != self.mesh.device:
                     _set_attr(gm, node.target, v.to(self.mesh.device))
-        _retarget_device(gm, self.mesh.device)
-        return gm, collectives
 
-    def _program(self, args: tuple, kwargs: dict, training: bool) -> GraphModule:
+    def _lower(self, gm: GraphModule):
+        """TP rewrite, then (with pp) stage split; bind this rank's parameters. Returns the program."""
+        from autoshard.passes.tensor_parallel import TensorParallelPlan
+
+        out_spec = getattr(gm, "_out_spec", None)
+        in_spec = getattr(gm, "_in_spec", None)
+        plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
+        gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
+        _retarget_device(gm, self.mesh.device)
+        if self._pp == 1:
+            self._bind(gm, list(self._tp_plan.layouts))
+            return gm, gm, collectives, None
+        sched = self.schedule
+        split = split_stages(gm, sched.num_stages, self._split_points)
+        if self._split_points is None:
+            self._split_points = [f"{split.block_prefix}.{b[0]}" for b in split.stage_blocks[1:]]
+        me = self.mesh.coord("pp")
+        stages = {s: split.stages[s] for s in range(sched.num_stages) if sched.rank_of(s) == me}
+        for s, g in stages.items():
+            self._bind(g, split.params[s])
+        runner = PipelineRunner(
+            stages, sched, [self.mesh.rank_of(pp=sched.rank_of(s)) for s in range(sched.num_stages)], me,
+            self.mesh.device, {s: [self._params[n] for n in split.params[s]] for s in stages}, self._keys["pp"])
+        keys = None
+        try:
+            keys = list(in_spec.children_specs[1].context)
+        except (AttributeError, IndexError, TypeError):
+            keys = None
+        return _Piped(runner, keys, out_spec), gm, collectives, split
+
+    def _tied_groups(self, split) -> list[tuple[str, str]]:
+        """Process groups that sum the gradients of a parameter used on several pipeline ranks."""
+        out = []
+        if self.mesh.virtual:
+            return out
+        for name in sorted(split.shared_params):
+            owners = sorted({self.schedule.rank_of(s) for s in split.shared_params[name]})
+            if len(owners) < 2:
+                continue
+            mine = None
+            for dp in range(self.mesh.size("dp")):
+                for ep in range(self.mesh.size("ep")):
+                    for tp in range(self.mesh.size("tp")):
+                        ranks = [self.mesh.rank_of(pp=o, dp=dp, ep=ep, tp=tp) for o in owners]
+                        group = dist.new_group(ranks)
+                        if self.mesh.rank in ranks:
+                            mine = GroupHandle(f"mesh{self.mesh.id}.tied.{name}", len(ranks),
+                                               ranks.index(self.mesh.rank), group)
+            if mine is not None and name in self._params:
+                C.register_group(mine)
+                out.append((name, mine.name))
+        return out
+
+    def _program(self, args: tuple, kwargs: dict, training: bool):
         key = _signature(training, args, kwargs)
         prog = self._programs.get(key)
         if prog is None:
             cpu_args = tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, (args, kwargs))
             gm = capture(self._model[0], cpu_args[0], cpu_args[1], training=training)
-            prog, _ = self._lower(gm)
+            prog = self._lower(gm)[0]
             self._programs[key] = prog
         return prog
 
@@ -206,9 +358,16 @@ class ShardedModule(torch.nn.Module):
         return tree_map(lambda t: t.to(self.mesh.device) if isinstance(t, torch.Tensor) else t, x)
 
     def forward(self, *args, **kwargs):
-        """Run the model on this rank's inputs; returns the full, unsharded output."""
+        """Run the model on this rank's inputs; returns the full, unsharded output.
+
+        With a pipeline (pp > 1) the output exists on the ranks of the last stage; others get None.
+        """
         args, kwargs = self._to_device((args, kwargs))
-        return self._program(args, kwargs, self.training)(*args, **kwargs)
+        prog = self._program(args, kwargs, self.training)
+        if isinstance(prog, _Piped):
+            flat = prog.runner.forward(prog.flat(args, kwargs))
+            return None if flat is None else tree_unflatten(list(flat), prog.out_spec)
+        return prog(*args, **kwargs)
 
     def _loss(self, out, target) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -235,22 +394,26 @@ class ShardedModule(torch.nn.Module):
         if not self._checked_inputs:
             self._check_same_inputs_across_tp((args, kwargs, target))
             self._checked_inputs = True
-        prog = self._program(args, kwargs, training=True)
         C.reset_bytes(f"mesh{self.mesh.id}.")
-        self._sync.begin()
-        out = prog(*args, **kwargs)
-        loss = self._loss(out, target)
-        if loss.dim() != 0:
-            raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-        loss.backward()
-        self._sync.finish()
-        g = loss.detach().clone().float()
+        if self._pp > 1:
+            g = self._pipeline_step(args, kwargs, target)
+        else:
+            prog = self._program(args, kwargs, training=True)
+            self._sync.begin()
+            out = prog(*args, **kwargs)
+            loss = self._loss(out, target)
+            if loss.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+            loss.backward()
+            self._sync.finish()
+            g = loss.detach().clone().float()
         if self.mesh.size("dp") > 1:
             g.div_(self.mesh.size("dp"))
             C.all_reduce_(g, self._dp_key)
         value = float(g)
         sent = C.bytes_sent(f"mesh{self.mesh.id}.")
-        self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0)}
+        self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),
+                           "pp": sum(v for k, v in sent.items() if k == self._keys["pp"] or ".tied." in k)}
         if math.isfinite(value):
             self.optimizer.step()
         else:
@@ -260,6 +423,34 @@ class ShardedModule(torch.nn.Module):
         self._steps += 1
         return value
 
+    def _pipeline_step(self, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
+        local_b = _batch_size((args, kwargs))
+        if local_b % self._m:
+            raise ValueError(f"the local batch of {local_b} does not split into {self._m} microbatches")
+        mbs = _microbatches((args, kwargs), local_b, self._m)
+        targets = _microbatches(target, local_b, self._m) if target is not None else [None] * self._m
+        prog = self._program(*mbs[0], training=True)
+        flat = [prog.flat(a, k) for a, k in mbs]
+
+        def finish(outs, i: int) -> torch.Tensor:
+            loss = self._loss(tree_unflatten(list(outs), prog.out_spec), targets[i])
+            if loss.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
+            return loss
+
+        self._sync.begin()
+        loss = prog.runner.step(flat, finish)
+        self._sync.finish()
+        for name, key in self._tied:
+            p = self._params[name]
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            C.all_reduce_(p.grad, key)
+        g = (loss.detach().float() if loss is not None else torch.zeros((), device=self.mesh.device)).reshape(1).clone()
+        last = self.mesh.rank_of(pp=self.schedule.rank_of(self.schedule.num_stages - 1))
+        dist.broadcast(g, src=last, group=self.mesh.group("pp").group)
+        return g.reshape(())
+
     # ------------------------------------------------------------------ state
     def local_parameters(self) -> dict[str, torch.nn.Parameter]:
         """This rank's parameter shards by the model's parameter names."""
@@ -267,17 +458,31 @@ class ShardedModule(torch.nn.Module):
 
     @torch.no_grad()
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model's ``state_dict`` (same keys and shapes), gathered on every rank, on CPU."""
+        """The model's ``state_dict`` (same keys and shapes), gathered on every rank, on CPU.
+
+        Collective: every rank must call it. With a pipeline, each parameter comes from the first
+        stage that holds it.
+        """
         full: dict[str, torch.Tensor] = {}
-        for n, p in self._params.items():
-            lay = self.plan.params[n]
+        pp_group = self.mesh.group("pp").group
+        for n, lay in self.plan.params.items():
             pl = parse_placement(lay.placement)
-            if pl.is_shard() and self._tp > 1:
-                pieces = [torch.empty_like(p) for _ in range(self._tp)]
-                dist.all_gather(pieces, p.detach().contiguous(), group=self.mesh.group("tp").group)
-                full[n] = unshard_tensor(pieces, pl.dim, lay.blocks).cpu()
-            else:
-                full[n] = p.detach().cpu().clone()
+            p = self._params.get(n)
+            t = None
+            if p is not None:
+                if pl.is_shard() and self._tp > 1:
+                    pieces = [torch.empty_like(p) for _ in range(self._tp)]
+                    dist.all_gather(pieces, p.detach().contiguous(), group=self.mesh.group("tp").group)
+                    t = unshard_tensor(pieces, pl.dim, lay.blocks)
+                else:
+                    t = p.detach().clone()
+            if self._pp > 1:
+                owner = min(s["stage"] for s in self.plan.pipeline["stages"] if self._owns(s["stage"], n))
+                src = self.mesh.rank_of(pp=self.schedule.rank_of(owner))
+                if t is None or self.mesh.rank != src:
+                    t = torch.empty(lay.shape, dtype=self._dtype_of(n), device=self.mesh.device) if t is None else t
+                dist.broadcast(t, src=src, group=pp_group)
+            full[n] = t.cpu()
         out = {}
         for k in self._sd_keys:
             if k in self._alias_of:
@@ -288,12 +493,20 @@ class ShardedModule(torch.nn.Module):
                 out[k] = self._model[0].state_dict()[k].clone()
         return out
 
+    def _owns(self, stage: int, name: str) -> bool:
+        split_params = self._stage_params_names
+        return name in split_params[stage]
+
+    def _dtype_of(self, name: str) -> torch.dtype:
+        return self._model[0].get_parameter(name).dtype
+
     def stats(self) -> dict[str, float]:
         """Counters of the last step: bytes this rank sent (tp and dp), steps, programs, fallbacks."""
         return {
-            "comm_bytes_per_step": self._last_comm["tp"] + self._last_comm["dp"],
-            "tp_comm_bytes": self._last_comm["tp"],
-            "dp_comm_bytes": self._last_comm["dp"],
+            "comm_bytes_per_step": sum(self._last_comm.values()),
+            "tp_comm_bytes": self._last_comm.get("tp", 0.0),
+            "dp_comm_bytes": self._last_comm.get("dp", 0.0),
+            "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "steps": self._steps,
             "skipped_steps": self._skipped,
             "programs": len(self._programs),
@@ -328,6 +541,14 @@ class ShardedModule(torch.nn.Module):
                 "ranks that differ only in tp were given different batches: each must load the slice "
                 f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
             )
+
+
+def _has_attr(root: torch.nn.Module, target: str) -> bool:
+    try:
+        _get_attr(root, target)
+    except AttributeError:
+        return False
+    return True
 
 
 def _get_attr(gm: torch.nn.Module, target: str):

@@ -33,8 +33,12 @@ def make_buckets(names_in_grad_order: list[str], nbytes: dict[str, int], bucket_
 class GradientSync:
     """Averages gradients over a data-parallel group, one flat all-reduce per bucket."""
 
-    def __init__(self, params: dict[str, torch.nn.Parameter], buckets: list[list[str]], group: str, size: int) -> None:
+    def __init__(self, params: dict[str, torch.nn.Parameter], buckets: list[list[str]], group: str, size: int,
+                 expected: dict[str, int] | None = None) -> None:
         self.params = params
+        # accumulations per step before a gradient is final (microbatches × stages using it)
+        self.expected = expected or {}
+        self._count: dict[str, int] = {}
         self.buckets = [[n for n in b if params[n].requires_grad] for b in buckets]
         self.buckets = [b for b in self.buckets if b]
         self.group = group
@@ -54,6 +58,9 @@ class GradientSync:
         def hook(p: torch.Tensor) -> None:
             if not self._armed:
                 return
+            self._count[name] = self._count.get(name, 0) + 1
+            if self._count[name] < self.expected.get(name, 1):
+                return
             i = self._bucket_of[name]
             self._ready[i].add(name)
             self._launch_ready()
@@ -63,6 +70,7 @@ class GradientSync:
     def begin(self) -> None:
         """Arm the hooks for one backward pass."""
         self._armed = self.active
+        self._count = {}
         self._ready = [set() for _ in self.buckets]
         self._launched = [None] * len(self.buckets)
         self._next = 0

@@ -19,3 +19,7 @@ class CaptureError(AutoshardError, RuntimeError):
 
 class PlanMismatchError(AutoshardError, RuntimeError):
     """Ranks built different plans; running on would deadlock or compute garbage."""
+
+
+class ScheduleError(AutoshardError, ValueError):
+    """A pipeline schedule is invalid: bad sizes, a missing or duplicated action, or an order that deadlocks."""

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .errors import MeshError
 
 DIM_ORDER: tuple[str, ...] = ("pp", "dp", "ep", "tp")
-SUPPORTED_DIMS: frozenset[str] = frozenset({"dp", "tp"})
+SUPPORTED_DIMS: frozenset[str] = frozenset({"pp", "dp", "tp"})
 
 _mesh_ids = itertools.count()
 
@@ -179,14 +179,15 @@ class Mesh:
     def ranks_along(self, dim: str) -> list[int]:
         """Global ranks that share every coordinate with this rank except ``dim``."""
         self._check_dim(dim)
-        out = []
-        for i in range(self.degrees[dim]):
-            c = dict(self._coords, **{dim: i})
-            r = 0
-            for d in DIM_ORDER:
-                r = r * self.degrees[d] + c[d]
-            out.append(r)
-        return out
+        return [self.rank_of(**{dim: i}) for i in range(self.degrees[dim])]
+
+    def rank_of(self, **coords: int) -> int:
+        """Global rank at ``coords``; dimensions not given keep this rank's coordinate."""
+        c = dict(self._coords, **coords)
+        r = 0
+        for d in DIM_ORDER:
+            r = r * self.degrees[d] + c[d]
+        return r
 
     def _check_dim(self, dim: str) -> None:
         if dim not in self.degrees:

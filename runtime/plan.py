@@ -63,6 +63,7 @@ class Plan:
     collectives: list[dict[str, Any]] = field(default_factory=list)
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     dp_buckets: list[list[str]] = field(default_factory=list)
+    pipeline: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     estimates: dict[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -121,6 +122,7 @@ class Plan:
             + f"; per step: {sum(coll.values())} tp collectives ("
             + ", ".join(f"{n} {op}" for op, n in sorted(coll.items()))
             + f"); {len(self.dp_buckets)} dp buckets; {len(self.fallbacks)} fallbacks"
+            + (f"; {len(self.pipeline['stages'])} pipeline stages, {self.pipeline['schedule']}" if self.pipeline else "")
         )
 
     def explain(self) -> str:
@@ -153,6 +155,18 @@ class Plan:
             lines.append("  none")
         for f in self.fallbacks:
             lines.append(f"  {f['op']} at {f['node']}: {f['reason']}  [{f.get('source', '?')}]")
+        if self.pipeline:
+            pl = self.pipeline
+            lines += ["", f"Pipeline (pp={self.mesh.get('pp', 1)}): {pl['schedule']} schedule, "
+                          f"{pl['microbatches']} microbatches, {pl['virtual_stages']} stage(s) per rank; "
+                          f"cuts at {', '.join(pl['split_points'] or []) or '-'}"]
+            for st in pl["stages"]:
+                blocks = st["blocks"]
+                span = f"blocks {blocks[0]}..{blocks[-1]}" if blocks else "by split points"
+                lines.append(f"  stage {st['stage']} on pp rank {st['pp_rank']}: {span}, {st['params']} params, "
+                             f"{st['flops'] / 1e9:.3f} GFLOP, receives {st['receives']} tensors")
+            for name, stages in pl.get("shared_params", {}).items():
+                lines.append(f"  {name} is used by stages {stages}: its gradients are summed across them")
         if self.mesh.get("dp", 1) > 1:
             nb = len(self.dp_buckets)
             lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "

@@ -12,6 +12,7 @@ STEPS = 5
 GLOBAL_BATCH = 8
 SEQ = 16
 VOCAB = 128
+LAYERS = 4  # pp=4 needs four blocks
 
 
 def make_model(kind: str) -> torch.nn.Module:
@@ -19,18 +20,18 @@ def make_model(kind: str) -> torch.nn.Module:
     if kind == "gpt":
         from autoshard.examples.gpt import make_model as make_gpt
 
-        return make_gpt(vocab_size=VOCAB, seq_len=SEQ, d_model=64, n_heads=4, d_ff=128)
+        return make_gpt(vocab_size=VOCAB, seq_len=SEQ, d_model=64, n_heads=4, d_ff=128, n_layers=LAYERS)
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           use_cache=False)
         return LlamaForCausalLM(cfg)
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+        cfg = GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64, use_cache=False,
                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
         return GPT2LMHeadModel(cfg)
     raise ValueError(kind)
@@ -76,7 +77,7 @@ def reference(kind: str, opt: str) -> tuple[list[float], dict[str, torch.Tensor]
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def sharded(kind: str, opt: str, degrees: dict[str, int]) -> dict | None:
+def sharded(kind: str, opt: str, degrees: dict[str, int], **options) -> dict | None:
     """Run in every rank of a launch; returns rank 0's losses, state dict and stats."""
     import autoshard
 
@@ -85,7 +86,8 @@ def sharded(kind: str, opt: str, degrees: dict[str, int]) -> dict | None:
     per = GLOBAL_BATCH // mesh.data_size
     lo = mesh.data_rank * per
     inp0, _, loss_fn = inputs(kind, batch(0)[lo:lo + per])
-    sm = autoshard.autoshard(model, mesh, example_inputs=inp0, loss_fn=loss_fn, optimizer=make_optimizer(opt))
+    sm = autoshard.autoshard(model, mesh, example_inputs=inp0, loss_fn=loss_fn, optimizer=make_optimizer(opt),
+                             **options)
     losses = []
     for step in range(STEPS):
         inp, target, _ = inputs(kind, batch(step)[lo:lo + per])
@@ -94,11 +96,12 @@ def sharded(kind: str, opt: str, degrees: dict[str, int]) -> dict | None:
     if mesh.rank != 0:
         return None
     return {"losses": losses, "state": sd, "stats": sm.stats(), "plan": sm.plan.to_dict(),
-            "explain": sm.plan.explain()}
+            "explain": sm.plan.explain(), "schedule": sm.schedule.render() if sm.schedule else None}
 
 
-def run_cases(cases: list[tuple[str, str, dict]]) -> list[dict | None]:
-    return [sharded(kind, opt, deg) for kind, opt, deg in cases]
+def run_cases(cases: list[tuple]) -> list[dict | None]:
+    """Each case: (model kind, optimizer, mesh degrees[, autoshard options])."""
+    return [sharded(c[0], c[1], c[2], **(c[3] if len(c) > 3 else {})) for c in cases]
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
