@@ -165,6 +165,7 @@ class ShardedModule(torch.nn.Module):
         self._skipped = 0
         self._last_comm: dict[str, float] = {}
         self._checked_inputs = False
+        self._last_inflight = 0
         self._tp = mesh.size("tp")
         self._pp = mesh.size("pp")
         self._keys = {d: mesh.group(d).name for d in DIM_ORDER}
@@ -315,7 +316,8 @@ class ShardedModule(torch.nn.Module):
             self.mesh.device, {s: [self._params[n] for n in split.params[s]] for s in stages}, self._keys["pp"])
         keys = None
         try:
-            keys = list(in_spec.children_specs[1].context)
+            kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
+            keys = list(kw_spec.context)
         except (AttributeError, IndexError, TypeError):
             keys = None
         return _Piped(runner, keys, out_spec), gm, collectives, split
@@ -440,6 +442,7 @@ class ShardedModule(torch.nn.Module):
 
         self._sync.begin()
         loss = prog.runner.step(flat, finish)
+        self._last_inflight = prog.runner.peak_inflight
         self._sync.finish()
         for name, key in self._tied:
             p = self._params[name]
@@ -507,6 +510,7 @@ class ShardedModule(torch.nn.Module):
             "tp_comm_bytes": self._last_comm.get("tp", 0.0),
             "dp_comm_bytes": self._last_comm.get("dp", 0.0),
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
+            "pp_peak_inflight": self._last_inflight,
             "steps": self._steps,
             "skipped_steps": self._skipped,
             "programs": len(self._programs),

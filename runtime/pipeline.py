@@ -53,6 +53,7 @@ class PipelineRunner:
         self._meta: dict[int, list[tuple[tuple[int, ...], torch.dtype, bool]]] = {}  # per receiving stage
         self._header_sent: set[int] = set()
         self._sends: list[tuple[object, torch.Tensor]] = []
+        self.peak_inflight = 0  # most microbatches whose activations this rank held at once, last step
 
     # ------------------------------------------------------------------ messaging
     def _send(self, tensors: list[torch.Tensor], dst_stage: int, header: bool) -> None:
@@ -118,7 +119,9 @@ class PipelineRunner:
         saved: dict[tuple[int, int], tuple] = {}
         pending_w: dict[tuple[int, int], tuple] = {}
         losses: list[torch.Tensor] = []
+        self.peak_inflight = 0
         for a in self.schedule.actions[self.pp_index]:
+            self.peak_inflight = max(self.peak_inflight, len(saved) + len(pending_w))
             if a.kind == "F":
                 ins = self._recv_acts(a.stage) if a.stage > 0 else []
                 outs = self.stages[a.stage](*inputs[a.microbatch], *ins)

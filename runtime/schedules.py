@@ -234,6 +234,37 @@ class Schedule:
         """Raise :class:`ScheduleError` unless the schedule is complete, on the right ranks and deadlock-free."""
         self._check_coverage()
         self._execute({k: [1.0] * self.num_stages for k in KINDS})
+        self._check_link_order()
+
+    def link_messages(self, sending: bool) -> dict[tuple[int, int], list[tuple[str, int, int]]]:
+        """Per (src rank, dst rank) link: the messages in the order the sender sends them
+        (``sending=True``) or the receiver receives them (``False``): ("act"|"grad", stage, mb)."""
+        last = self.num_stages - 1
+        out: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
+        for r, row in enumerate(self.actions):
+            for a in row:
+                st, mb = a.stage, a.microbatch
+                if a.kind == "F" and (st < last if sending else st > 0):
+                    peer, to = (st + 1, st + 1) if sending else (st - 1, st)
+                    link = (r, self.rank_of(peer)) if sending else (self.rank_of(peer), r)
+                    out.setdefault(link, []).append(("act", to, mb))
+                if a.kind == "B" and (st > 0 if sending else st < last):
+                    peer, to = (st - 1, st - 1) if sending else (st + 1, st)
+                    link = (r, self.rank_of(peer)) if sending else (self.rank_of(peer), r)
+                    out.setdefault(link, []).append(("grad", to, mb))
+        return out
+
+    def _check_link_order(self) -> None:
+        """The executor matches messages between two ranks by order: receivers must expect them in send order."""
+        sent, received = self.link_messages(True), self.link_messages(False)
+        for link in sorted(set(sent) | set(received)):
+            a, b = sent.get(link, []), received.get(link, [])
+            if a != b:
+                i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                raise ScheduleError(
+                    f"rank {link[0]} sends to rank {link[1]} in an order the receiver does not expect (first "
+                    f"difference at message {i}: sent {a[i] if i < len(a) else None}, expected "
+                    f"{b[i] if i < len(b) else None}); reorder the actions so both sides agree")
 
     # ------------------------------------------------------------------ costing
     def _costs(self, value: float | Sequence[float], what: str) -> list[float]:

@@ -76,7 +76,7 @@ def test_mesh_rejects_non_positive_or_non_integer_degrees(kwargs, bad):
     assert bad in str(ei.value)
 
 
-@pytest.mark.parametrize("dim", ["pp", "ep"])
+@pytest.mark.parametrize("dim", ["ep"])
 def test_mesh_rejects_unsupported_dimensions(dim, no_launcher_env):
     with pytest.raises(MeshError) as ei:
         Mesh(dp=2, **{dim: 2})

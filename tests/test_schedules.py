@@ -48,28 +48,12 @@ def test_built_schedules_are_complete_and_deadlock_free(name, pp, m, v):
     assert [len(row) for row in sim.timeline] == [len(row) for row in s.actions]
 
 
-def _link_messages(s: Schedule, sending: bool) -> dict[tuple[int, int], list[tuple[str, int, int]]]:
-    """Per (src rank, dst rank): the messages in the order the sender sends (or the receiver receives) them."""
-    last = s.num_stages - 1
-    out: dict[tuple[int, int], list[tuple[str, int, int]]] = {}
-    for r, row in enumerate(s.actions):
-        for a in row:
-            st, mb = a.stage, a.microbatch
-            if a.kind == "F" and (st < last if sending else st > 0):
-                peer, to = (st + 1, st + 1) if sending else (st - 1, st)
-                out.setdefault((r, s.rank_of(peer)) if sending else (s.rank_of(peer), r), []).append(("act", to, mb))
-            if a.kind == "B" and (st > 0 if sending else st < last):
-                peer, to = (st - 1, st - 1) if sending else (st + 1, st)
-                out.setdefault((r, s.rank_of(peer)) if sending else (s.rank_of(peer), r), []).append(("grad", to, mb))
-    return out
-
-
 @pytest.mark.parametrize("name,pp,m,v", GRID, ids=[f"{n}-pp{p}-m{m}-v{v}" for n, p, m, v in GRID])
 def test_messages_on_each_link_arrive_in_send_order(name, pp, m, v):
     # the executor (runtime/pipeline.py) matches untagged messages between two ranks by order: every
     # built schedule must receive on each (src, dst) link in the order the sender sends
     s = build_schedule(name, pp, m, virtual_stages=v)
-    assert _link_messages(s, sending=True) == _link_messages(s, sending=False)
+    assert s.link_messages(sending=True) == s.link_messages(sending=False)
 
 
 @pytest.mark.parametrize("pp,v,m", [(pp, v, k * pp) for pp in (2, 4) for v in (2, 3) for k in (1, 2, 4)])
