@@ -313,7 +313,8 @@ class ShardedModule(torch.nn.Module):
             self._bind(g, split.params[s])
         runner = PipelineRunner(
             stages, sched, [self.mesh.rank_of(pp=sched.rank_of(s)) for s in range(sched.num_stages)], me,
-            self.mesh.device, {s: [self._params[n] for n in split.params[s]] for s in stages}, self._keys["pp"])
+            self.mesh.device, {s: [self._params[n] for n in split.params[s]] for s in stages}, self._keys["pp"],
+            self._p2p_groups())
         keys = None
         try:
             kw_spec = in_spec.child(1) if hasattr(in_spec, "child") else in_spec.children_specs[1]
@@ -321,6 +322,16 @@ class ShardedModule(torch.nn.Module):
         except (AttributeError, IndexError, TypeError):
             keys = None
         return _Piped(runner, keys, out_spec), gm, collectives, split
+
+    def _p2p_groups(self) -> dict[str, object]:
+        """One process group per direction of pipeline traffic (see runtime/pipeline.py), made once."""
+        if not hasattr(self, "_p2p"):
+            self._p2p = {}
+            if not self.mesh.virtual and dist.is_initialized():
+                world = list(range(dist.get_world_size()))
+                for name in ("fwd", "fwd_wrap", "bwd", "bwd_wrap"):
+                    self._p2p[name] = dist.new_group(world)
+        return self._p2p
 
     def _tied_groups(self, split) -> list[tuple[str, str]]:
         """Process groups that sum the gradients of a parameter used on several pipeline ranks."""

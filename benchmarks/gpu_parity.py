@@ -15,16 +15,22 @@ from parity import check, reference, sharded  # noqa: E402
 if __name__ == "__main__":
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    degrees = {"dp": 2, "tp": 2}
+    cases = [(k, o, {"dp": 2, "tp": 2}, {}) for k in ("gpt", "llama", "gpt2") for o in ("sgd", "adamw")]
+    cases += [(k, "adamw", {"pp": 4}, {"schedule": s, "microbatches": 4}) for k in ("llama_ex", "gpt2")
+              for s in ("1f1b", "zero_bubble")]
+    cases += [("llama_ex", "adamw", {"pp": 2, "tp": 2}, {"schedule": "interleaved_1f1b", "virtual_stages": 2,
+                                                        "microbatches": 4}),
+              ("gpt2", "sgd", {"pp": 2, "dp": 2}, {"schedule": "gpipe", "microbatches": 2})]
     failures = 0
-    for kind in ("gpt", "llama", "gpt2"):
-        for opt in ("sgd", "adamw"):
-            result = sharded(kind, opt, degrees)
-            if int(os.environ.get("RANK", "0")) == 0:
-                try:
-                    wl, wp = check(result, reference(kind, opt), opt)
-                    print(f"PARITY {kind:6s} {opt:6s} dp2xtp2 nccl: ok   worst loss {wl:.2e}  worst param {wp:.2e}", flush=True)
-                except AssertionError as e:
-                    failures += 1
-                    print(f"PARITY {kind:6s} {opt:6s} dp2xtp2 nccl: FAIL {e}", flush=True)
+    for kind, opt, degrees, options in cases:
+        result = sharded(kind, opt, degrees, **options)
+        name = "x".join(f"{k}{v}" for k, v in degrees.items()) + " " + options.get("schedule", "")
+        if int(os.environ.get("RANK", "0")) == 0:
+            try:
+                wl, wp = check(result, reference(kind, opt), opt)
+                print(f"PARITY {kind:8s} {opt:6s} {name:22s} nccl: ok   worst loss {wl:.2e}  worst param {wp:.2e}",
+                      flush=True)
+            except AssertionError as e:
+                failures += 1
+                print(f"PARITY {kind:8s} {opt:6s} {name:22s} nccl: FAIL {e}", flush=True)
     sys.exit(1 if failures else 0)

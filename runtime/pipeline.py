@@ -15,8 +15,12 @@ that turns each action into sends, receives and autograd calls:
   bubble), ``B`` computes only input gradients and ``W(s, m)`` the weight gradients later.
 
 Messages between two ranks are matched by order: the schedules run every stage's microbatches in
-the same order on sender and receiver. The first message on each link is a small header with the
-shapes, dtypes and requires-grad flags of the bundle, so stages need no shape inference.
+the same order on sender and receiver (``Schedule.check`` verifies it per link). Each direction of
+traffic has its own process group (activations forward, gradients backward, and the wrap-around
+links of interleaved schedules), so a pair of ranks never has a send and a receive queued on one
+NCCL stream, where one could wait behind the other forever. The first message on each link is a
+small header with the shapes, dtypes and requires-grad flags of the bundle, so stages need no shape
+inference.
 """
 
 from __future__ import annotations
@@ -41,7 +45,9 @@ class PipelineRunner:
     """Executes one schedule per step over this rank's stage programs."""
 
     def __init__(self, stages: dict[int, GraphModule], schedule: Schedule, stage_ranks: list[int], pp_index: int,
-                 device: torch.device, stage_params: dict[int, list[torch.nn.Parameter]], comm_key: str) -> None:
+                 device: torch.device, stage_params: dict[int, list[torch.nn.Parameter]], comm_key: str,
+                 groups: dict[str, object] | None = None) -> None:
+        self.groups = groups or {}
         self.pp_index = pp_index
         self.stages = stages
         self.schedule = schedule
@@ -56,8 +62,16 @@ class PipelineRunner:
         self.peak_inflight = 0  # most microbatches whose activations this rank held at once, last step
 
     # ------------------------------------------------------------------ messaging
-    def _send(self, tensors: list[torch.Tensor], dst_stage: int, header: bool) -> None:
+    def _group(self, src_stage: int, dst_stage: int):
+        """The process group of the direction a message from ``src_stage`` to ``dst_stage`` travels."""
+        pp = self.schedule.pp
+        if dst_stage > src_stage:
+            return self.groups.get("fwd_wrap" if dst_stage % pp == 0 else "fwd")
+        return self.groups.get("bwd_wrap" if src_stage % pp == 0 else "bwd")
+
+    def _send(self, tensors: list[torch.Tensor], dst_stage: int, header: bool, src_stage: int) -> None:
         dst = self.stage_ranks[dst_stage]
+        group = self._group(src_stage, dst_stage)
         if header and dst_stage not in self._header_sent:
             if len(tensors) > _MAX_TENSORS:
                 raise RuntimeError(f"a stage boundary carries {len(tensors)} tensors; at most {_MAX_TENSORS} are supported")
@@ -71,20 +85,21 @@ class PipelineRunner:
                 h[o + 1] = int(t.requires_grad)
                 h[o + 2] = t.dim()
                 h[o + 3:o + 3 + t.dim()] = torch.tensor(t.shape, dtype=torch.int64)
-            self._isend(h.to(self.device), dst)
+            self._isend(h.to(self.device), dst, group)
             self._header_sent.add(dst_stage)
         for t in tensors:
-            self._isend(t.detach().contiguous(), dst)
+            self._isend(t.detach().contiguous(), dst, group)
 
-    def _isend(self, t: torch.Tensor, dst: int) -> None:
+    def _isend(self, t: torch.Tensor, dst: int, group) -> None:
         C.count_bytes(self.comm_key, t.numel() * t.element_size())
-        self._sends.append((dist.isend(t, dst), t))
+        self._sends.append((dist.isend(t, dst, group=group), t))
 
     def _recv_acts(self, stage: int) -> list[torch.Tensor]:
         src = self.stage_ranks[stage - 1]
+        group = self._group(stage - 1, stage)
         if stage not in self._meta:
             h = torch.empty(_HEADER, dtype=torch.int64, device=self.device)
-            dist.recv(h, src)
+            dist.recv(h, src, group=group)
             h = h.cpu()
             meta = []
             for i in range(int(h[0])):
@@ -95,16 +110,17 @@ class PipelineRunner:
         out = []
         for shape, dtype, req in self._meta[stage]:
             buf = torch.empty(shape, dtype=dtype, device=self.device)
-            dist.recv(buf, src)
+            dist.recv(buf, src, group=group)
             out.append(buf.requires_grad_(req))
         return out
 
     def _recv_like(self, like: list[torch.Tensor], src_stage: int) -> list[torch.Tensor]:
         src = self.stage_ranks[src_stage]
+        group = self._group(src_stage, src_stage - 1)
         out = []
         for t in like:
             buf = torch.empty_like(t, memory_format=torch.contiguous_format)
-            dist.recv(buf, src)
+            dist.recv(buf, src, group=group)
             out.append(buf)
         return out
 
@@ -131,7 +147,7 @@ class PipelineRunner:
                     saved[(a.stage, a.microbatch)] = (ins, [loss / m_total])
                 else:
                     outs = list(outs)
-                    self._send(outs, a.stage + 1, header=True)
+                    self._send(outs, a.stage + 1, header=True, src_stage=a.stage)
                     saved[(a.stage, a.microbatch)] = (ins, outs)
             elif a.kind == "B":
                 ins, outs = saved.pop((a.stage, a.microbatch))
@@ -150,7 +166,7 @@ class PipelineRunner:
                     in_grads = [i.grad for i in wanted]
                 if a.stage > 0:
                     self._send([g if g is not None else torch.zeros_like(i) for g, i in zip(in_grads, wanted)],
-                               a.stage - 1, header=False)
+                               a.stage - 1, header=False, src_stage=a.stage)
             elif a.kind == "W":
                 roots, grads = pending_w.pop((a.stage, a.microbatch))
                 params = [p for p in self.stage_params.get(a.stage, []) if p.requires_grad]
@@ -173,7 +189,7 @@ class PipelineRunner:
             if s == self.last:
                 result = outs
             else:
-                self._send(list(outs), s + 1, header=True)
+                self._send(list(outs), s + 1, header=True, src_stage=s)
         self.wait()
         return result
 

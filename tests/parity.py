@@ -21,6 +21,11 @@ def make_model(kind: str) -> torch.nn.Module:
         from autoshard.examples.gpt import make_model as make_gpt
 
         return make_gpt(vocab_size=VOCAB, seq_len=SEQ, d_model=64, n_heads=4, d_ff=128, n_layers=LAYERS)
+    if kind == "llama_ex":  # examples/llama.py: rotary inside attention, GQA by expand, SwiGLU
+        from autoshard.examples.llama import Llama, LlamaConfig
+
+        return Llama(LlamaConfig(vocab_size=VOCAB, d_model=64, n_layers=LAYERS, n_heads=4, n_kv_heads=2, ffn=128,
+                                 seq_len=SEQ))
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -57,7 +62,7 @@ def gpt_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def inputs(kind: str, tokens: torch.Tensor):
     """(inputs, target, loss_fn) for one model kind: HF models compute their own loss from labels."""
-    if kind == "gpt":
+    if kind in ("gpt", "llama_ex"):
         return (tokens,), tokens, gpt_loss
     return {"input_ids": tokens, "labels": tokens}, None, None
 

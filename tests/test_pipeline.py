@@ -10,10 +10,10 @@ import functools
 
 import pytest
 import torch
-from parity import batch, check, gpt_loss, inputs, make_model, reference, run_cases
 
 import autoshard
 from autoshard.runtime.errors import ScheduleError
+from parity import batch, check, gpt_loss, inputs, make_model, reference, run_cases
 
 SCHEDULES = [
     {"schedule": "gpipe", "microbatches": 2},

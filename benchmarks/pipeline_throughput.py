@@ -1,0 +1,157 @@
+"""Pipeline throughput on a Llama-style model: autoshard's schedules next to torch.distributed.pipelining.
+
+    torchrun --nproc-per-node 4 benchmarks/pipeline_throughput.py [--d 2048 --layers 16 --seq 2048]
+
+Same model (examples/llama.py), global batch, microbatches, fp32 weights with TF32 matmuls and AdamW
+for every system. The peer is ``torch.distributed.pipelining`` with ``Schedule1F1B`` over manual
+splits at the same block boundaries. Median of timed steps after warm-up, CUDA-synchronised.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import autoshard
+from autoshard.examples.gpt import lm_loss
+from autoshard.examples.llama import Llama, LlamaConfig, num_params
+
+PEAK = 989e12
+
+
+def timed(step, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class _Stage(nn.Module):
+    """A manual pipeline stage of examples/llama.py for the torch.distributed.pipelining peer."""
+
+    def __init__(self, model: Llama, lo: int, hi: int, first: bool, last: bool) -> None:
+        super().__init__()
+        self.embed = model.embed if first else None
+        self.layers = nn.ModuleList(model.layers[lo:hi])
+        self.norm = model.norm if last else None
+        self.lm_head = model.lm_head if last else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.lm_head is not None:
+            x = self.lm_head(self.norm(x))
+        return x
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (global)")
+    ap.add_argument("--microbatches", type=int, default=8)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    torch.backends.cuda.matmul.allow_tf32 = True
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = LlamaConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads,
+                      ffn=a.ffn, seq_len=a.seq)
+    torch.manual_seed(0)
+    base = Llama(cfg)
+    n = num_params(cfg)
+    flops_tok = 6 * n + 12 * a.layers * a.d * a.seq
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
+    rows = []
+
+    def report(system: str, t: float) -> None:
+        tok_gpu = a.batch * a.seq / t / world
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        rows.append({"system": system, "tok_s_gpu": tok_gpu, "mfu": tok_gpu * flops_tok / PEAK, "peak_gib": peak,
+                     "step_s": t})
+        if rank == 0:
+            print(f"{system:34s} {tok_gpu:9,.0f} tok/s/GPU  MFU {100 * tok_gpu * flops_tok / PEAK:5.1f}%  "
+                  f"peak(rank0) {peak:6.2f} GiB  step {t * 1e3:8.1f} ms", flush=True)
+
+    def run_peer() -> float:
+        from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+        per = a.layers // world
+        mod = _Stage(base, rank * per, (rank + 1) * per, rank == 0, rank == world - 1).cuda()
+        stage = PipelineStage(mod, rank, world, torch.device("cuda", local))
+        sched = Schedule1F1B(stage, n_microbatches=a.microbatches, loss_fn=lm_loss)
+        opt = torch.optim.AdamW(mod.parameters(), lr=1e-4, fused=True)
+        xc = x.cuda()
+
+        def step():
+            if rank == 0:
+                sched.step(xc)
+            elif rank == world - 1:
+                sched.step(target=xc)
+            else:
+                sched.step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        t = timed(step, 2, a.iters)
+        del mod, stage, sched, opt
+        return t
+
+    def run_autoshard(degrees: dict, schedule: str) -> float:
+        mesh = autoshard.Mesh(**degrees)
+        per_slice = a.batch // mesh.data_size
+        xs = x[:per_slice]
+        sm = autoshard.autoshard(base, mesh, example_inputs=(xs,), loss_fn=lm_loss,
+                                 optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+                                 schedule=schedule, microbatches=a.microbatches)
+        if rank == 0:
+            print(sm.plan.summary(), flush=True)
+        return timed(lambda: sm.train_step((xs,), xs), 2, a.iters)
+
+    for name, fn in (
+        (f"torch pipelining 1F1B pp{world}", run_peer),
+        (f"autoshard pp{world} 1f1b", lambda: run_autoshard({"pp": world}, "1f1b")),
+        (f"autoshard pp{world} zero_bubble", lambda: run_autoshard({"pp": world}, "zero_bubble")),
+        (f"autoshard pp{world // 2}xtp2 1f1b", lambda: run_autoshard({"pp": world // 2, "tp": 2}, "1f1b")),
+    ):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        try:
+            report(name, fn())
+        except Exception as e:  # noqa: BLE001 - one system failing must not hide the others
+            if rank == 0:
+                print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+            raise
+    if rank == 0 and a.out:
+        with open(a.out, "w") as f:
+            json.dump({"config": vars(a), "params": n, "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
