@@ -10,6 +10,7 @@ splits at the same block boundaries. Median of timed steps after warm-up, CUDA-s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -101,7 +102,8 @@ def main() -> None:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
         per = a.layers // world
-        mod = _Stage(base, rank * per, (rank + 1) * per, rank == 0, rank == world - 1).cuda()
+        # a copy: .cuda() must not move the shared base model that the autoshard runs capture next
+        mod = copy.deepcopy(_Stage(base, rank * per, (rank + 1) * per, rank == 0, rank == world - 1)).cuda()
         stage = PipelineStage(mod, rank, world, torch.device("cuda", local))
         sched = Schedule1F1B(stage, n_microbatches=a.microbatches, loss_fn=lm_loss)
         opt = torch.optim.AdamW(mod.parameters(), lr=1e-4, fused=True)
@@ -117,9 +119,7 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        t = timed(step, 2, a.iters)
-        del mod, stage, sched, opt
-        return t
+        return timed(step, 2, a.iters)
 
     def run_autoshard(degrees: dict, schedule: str) -> float:
         mesh = autoshard.Mesh(**degrees)
