@@ -31,6 +31,7 @@ from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
 from autoshard.runtime.pipeline import PipelineRunner
 from autoshard.runtime.plan import Plan, parse_placement
 from autoshard.runtime.schedules import Schedule, build_schedule
+from autoshard.runtime.zero import DTYPES, ZeroOptimizer
 
 Inputs = tuple | list | dict | torch.Tensor
 
@@ -47,6 +48,10 @@ def autoshard(
     microbatches: int | None = None,
     virtual_stages: int = 1,
     split_points: list[str] | None = None,
+    zero: int = 0,
+    offload: str | None = None,
+    precision: str = "fp32",
+    grad_clip: float | None = None,
 ) -> ShardedModule:
     """Shard ``model`` over ``mesh`` and return a module that trains it.
 
@@ -65,10 +70,18 @@ def autoshard(
         virtual_stages: stages per pipeline rank (``interleaved_1f1b``).
         split_points: module names where stages start (e.g. ``["model.layers.8"]``); default:
             balanced cuts between repeated blocks.
+        zero: ZeRO stage over the data-parallel ranks: 0, 1 (optimizer states partitioned) or 2
+            (and gradients). Needs an elementwise optimizer (SGD, Adam, AdamW, ...).
+        offload: ``"optimizer"`` keeps fp32 master weights and optimizer states in CPU memory and
+            steps there.
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` compute copies; fp32 master weights either way,
+            fp16 with DeepSpeed-style dynamic loss scaling.
+        grad_clip: clip gradients to this global norm (over every shard on every rank).
     """
     return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
                          schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
-                         split_points=split_points)
+                         split_points=split_points, zero=zero, offload=offload, precision=precision,
+                         grad_clip=grad_clip)
 
 
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:
@@ -155,8 +168,23 @@ class ShardedModule(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs, *, loss_fn=None,
                  optimizer=None, bucket_mb: float = 25.0, schedule: str = "1f1b", microbatches: int | None = None,
-                 virtual_stages: int = 1, split_points: list[str] | None = None) -> None:
+                 virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
+                 offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None) -> None:
         super().__init__()
+        if zero not in (0, 1, 2, 3):
+            raise PlanError(f"zero={zero!r}: choose 0 (none), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)")
+        if zero == 3:
+            raise PlanError("zero=3 (partitioned parameters) is not available yet; use zero=2 (optimizer states and "
+                            "gradients partitioned), tensor parallelism (tp) or pipeline stages (pp) to cut parameter memory")
+        if precision not in DTYPES:
+            raise PlanError(f"precision={precision!r}: choose one of {', '.join(DTYPES)}")
+        if offload not in (None, "optimizer"):
+            raise PlanError(f"offload={offload!r}: choose None or 'optimizer' ('params' needs zero=3, not available yet)")
+        if grad_clip is not None and not grad_clip > 0:
+            raise PlanError(f"grad_clip={grad_clip!r} must be a positive number (the maximum global gradient norm)")
+        self._zero_stage, self._precision, self._offload, self._grad_clip = zero, precision, offload, grad_clip
+        self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
+        self._zero: ZeroOptimizer | None = None
         self.mesh = mesh
         self._model = [model]  # not registered: autoshard works on its own copies
         self.loss_fn = loss_fn
@@ -206,20 +234,26 @@ class ShardedModule(torch.nn.Module):
         else:
             self.module = torch.nn.ModuleDict({str(s): g for s, g in program.runner.stages.items()})
 
-        # ---- data parallel buckets (and, with a pipeline, how often each gradient accumulates)
+        # ---- gradient buckets (and, with a pipeline, how often each gradient accumulates)
         order = gradient_order(full_gm, list(layouts))
-        nbytes = {n: p.numel() * p.element_size() for n, p in self._params.items()}
         full_bytes = {n: math.prod(lay.local_shape) * 4 for n, lay in layouts.items()}
         bucket_bytes = int(bucket_mb * 2**20)
-        if mesh.size("dp") == 1:
+        tied_names = set(split.shared_params) if split is not None else set()
+
+        def pack(names: set[str]) -> list[list[str]]:
+            # parameters shared between pipeline stages go last, in their own bucket: their gradients are
+            # summed across stages after the pipeline finishes, before they are reduced over dp
+            plain = [n for n in order if n in names and n not in tied_names and self._trainable(n)]
+            tied = [n for n in order if n in names and n in tied_names and self._trainable(n)]
+            return make_buckets(plain, full_bytes, bucket_bytes) + ([tied] if tied else [])
+
+        if mesh.size("dp") == 1 and not self._use_zero:
             buckets, my_buckets = [], []
         elif split is None:
-            buckets = my_buckets = make_buckets(order, full_bytes, bucket_bytes)
+            buckets = my_buckets = pack(set(layouts))
         else:  # one bucket list per pipeline rank, each over the parameters its stages hold
-            per_rank = []
-            for r in range(self._pp):
-                names = {n for s in range(split.num_stages) if self.schedule.rank_of(s) == r for n in split.params[s]}
-                per_rank.append(make_buckets([n for n in order if n in names], full_bytes, bucket_bytes))
+            per_rank = [pack({n for s in range(split.num_stages) if self.schedule.rank_of(s) == r for n in split.params[s]})
+                        for r in range(self._pp)]
             buckets = [b for rb in per_rank for b in rb]
             my_buckets = per_rank[mesh.coord("pp")]
         expected = None
@@ -227,7 +261,9 @@ class ShardedModule(torch.nn.Module):
         self._tied: list[tuple[str, str]] = []
         if split is not None:
             mine = program.runner.stages
-            expected = {n: self._m * sum(n in split.params[s] for s in mine) for n in self._params}
+            never = 1 << 30  # tied: reduced in finish(), after the cross-stage sum
+            expected = {n: never if n in tied_names else self._m * sum(n in split.params[s] for s in mine)
+                        for n in self._params}
             self._tied = self._tied_groups(split)
             self._stage_params_names = split.params
             pipeline = {
@@ -238,7 +274,25 @@ class ShardedModule(torch.nn.Module):
                             "receives": len(split.recv[s])} for s in range(split.num_stages)],
                 "shared_params": split.shared_params,
             }
-        self._sync = GradientSync(self._params, my_buckets, self._dp_key, mesh.size("dp"), expected=expected)
+        nbytes = {n: p.numel() * p.element_size() for n, p in self._params.items()}
+        if self._use_zero:
+            if optimizer is None:
+                raise PlanError("zero/precision/offload/grad_clip need an optimizer factory: optimizer=lambda ps: ...")
+            weight = {}
+            for n in self._params:
+                w = 1.0 / self._tp if not parse_placement(layouts[n].placement).is_shard() else 1.0
+                if n in tied_names:
+                    w /= len({self.schedule.rank_of(s) for s in split.shared_params[n]})
+                weight[n] = w
+            self._zero = ZeroOptimizer(
+                self._params, {n: p.detach().clone() for n, p in self._params.items()}, my_buckets,
+                group=self._dp_key, size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision=precision,
+                optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
+                expected=expected, norm_weight=weight, global_norm=not mesh.virtual)
+            self._sync = self._zero
+        else:
+            self._sync = GradientSync(self._params, my_buckets, self._dp_key, mesh.size("dp"), expected=expected)
+        memory = self._memory_estimate(layouts, split)
 
         self.plan = Plan(
             mesh=mesh.to_dict(),
@@ -249,6 +303,8 @@ class ShardedModule(torch.nn.Module):
             dp_buckets=buckets,
             pipeline=pipeline,
             notes=list(self._tp_plan.notes),
+            zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip},
+            memory=memory,
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
                 "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
@@ -256,7 +312,33 @@ class ShardedModule(torch.nn.Module):
             },
         )
         self._check_fingerprints()
-        self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
+        if self._zero is not None:
+            self.optimizer = self._zero.optimizer  # over this rank's fp32 master slices
+        else:
+            self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
+
+    def _trainable(self, name: str) -> bool:
+        return self._model[0].get_parameter(name).requires_grad
+
+    def _memory_estimate(self, layouts, split) -> dict[str, int]:
+        """Predicted model-state bytes on this rank, term by term (ZeRO paper's K=12 for Adam)."""
+        if split is None:
+            names = list(layouts)
+        else:
+            me = self.mesh.coord("pp")
+            names = sorted({n for s in range(split.num_stages) if self.schedule.rank_of(s) == me for n in split.params[s]})
+        psi = sum(math.prod(layouts[n].local_shape) for n in names)
+        dp = self.mesh.size("dp")
+        c = 4 if self._precision == "fp32" else 2
+        stage = self._zero_stage
+        opt = (4 + 8) * psi if self._use_zero else 8 * psi  # fp32 master (ZeRO path) + Adam's two moments
+        return {
+            "params": c * psi,
+            "grads": c * psi // (dp if stage >= 2 else 1),
+            "optimizer": opt // (dp if stage >= 1 else 1),
+            "optimizer_on_cpu": int(self._offload == "optimizer"),
+            "buffers": sum(b.numel() * b.element_size() for b in self._buffers_local.values()),
+        }
 
     # ------------------------------------------------------------------ lowering
     def _local_param(self, name: str) -> torch.nn.Parameter:
@@ -300,6 +382,8 @@ class ShardedModule(torch.nn.Module):
         plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
         gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
         _retarget_device(gm, self.mesh.device)
+        if self._precision != "fp32":
+            _drop_dtype_asserts(gm)
         if self._pp == 1:
             self._bind(gm, list(self._tp_plan.layouts))
             return gm, gm, collectives, None
@@ -408,8 +492,9 @@ class ShardedModule(torch.nn.Module):
             self._check_same_inputs_across_tp((args, kwargs, target))
             self._checked_inputs = True
         C.reset_bytes(f"mesh{self.mesh.id}.")
+        scale = self._zero.loss_scale() if self._zero is not None else 1.0
         if self._pp > 1:
-            g = self._pipeline_step(args, kwargs, target)
+            g = self._pipeline_step(args, kwargs, target, scale)
         else:
             prog = self._program(args, kwargs, training=True)
             self._sync.begin()
@@ -417,7 +502,7 @@ class ShardedModule(torch.nn.Module):
             loss = self._loss(out, target)
             if loss.dim() != 0:
                 raise ValueError(f"the loss must be a scalar, got shape {tuple(loss.shape)}")
-            loss.backward()
+            (loss * scale if scale != 1.0 else loss).backward()
             self._sync.finish()
             g = loss.detach().clone().float()
         if self.mesh.size("dp") > 1:
@@ -427,16 +512,24 @@ class ShardedModule(torch.nn.Module):
         sent = C.bytes_sent(f"mesh{self.mesh.id}.")
         self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),
                            "pp": sum(v for k, v in sent.items() if k == self._keys["pp"] or ".tied." in k)}
-        if math.isfinite(value):
-            self.optimizer.step()
-        else:
+        if not math.isfinite(value):
             self._skipped += 1
+            if self._zero is not None and self._zero.scaler is not None:
+                self._zero.scaler.update(True)
             warnings.warn(f"step {self._steps}: loss is {value}; optimizer step skipped on every rank", stacklevel=2)
-        self.optimizer.zero_grad(set_to_none=True)
+        elif self._zero is not None:
+            if not self._zero.step():
+                self._skipped += 1
+        else:
+            self.optimizer.step()
+        if self._zero is not None:
+            self._zero.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
         self._steps += 1
         return value
 
-    def _pipeline_step(self, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
+    def _pipeline_step(self, args: tuple, kwargs: dict, target: Any, scale: float = 1.0) -> torch.Tensor:
         local_b = _batch_size((args, kwargs))
         if local_b % self._m:
             raise ValueError(f"the local batch of {local_b} does not split into {self._m} microbatches")
@@ -452,14 +545,15 @@ class ShardedModule(torch.nn.Module):
             return loss
 
         self._sync.begin()
+        prog.runner.grad_scale = scale
         loss = prog.runner.step(flat, finish)
         self._last_inflight = prog.runner.peak_inflight
-        self._sync.finish()
-        for name, key in self._tied:
+        for name, key in self._tied:  # sum across the stages that share it, then reduce over dp
             p = self._params[name]
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             C.all_reduce_(p.grad, key)
+        self._sync.finish()
         g = (loss.detach().float() if loss is not None else torch.zeros((), device=self.mesh.device)).reshape(1).clone()
         last = self.mesh.rank_of(pp=self.schedule.rank_of(self.schedule.num_stages - 1))
         dist.broadcast(g, src=last, group=self.mesh.group("pp").group)
@@ -484,6 +578,8 @@ class ShardedModule(torch.nn.Module):
             p = self._params.get(n)
             t = None
             if p is not None:
+                if self._zero is not None:  # fp32 masters, gathered over dp
+                    p = self._zero.full_master(n).to(self.mesh.device)
                 if pl.is_shard() and self._tp > 1:
                     pieces = [torch.empty_like(p) for _ in range(self._tp)]
                     dist.all_gather(pieces, p.detach().contiguous(), group=self.mesh.group("tp").group)
@@ -512,7 +608,7 @@ class ShardedModule(torch.nn.Module):
         return name in split_params[stage]
 
     def _dtype_of(self, name: str) -> torch.dtype:
-        return self._model[0].get_parameter(name).dtype
+        return torch.float32 if self._zero is not None else self._model[0].get_parameter(name).dtype
 
     def stats(self) -> dict[str, float]:
         """Counters of the last step: bytes this rank sent (tp and dp), steps, programs, fallbacks."""
@@ -522,6 +618,8 @@ class ShardedModule(torch.nn.Module):
             "dp_comm_bytes": self._last_comm.get("dp", 0.0),
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "pp_peak_inflight": self._last_inflight,
+            "loss_scale": self._zero.loss_scale() if self._zero is not None else 1.0,
+            "grad_norm": self._zero.last_grad_norm if self._zero is not None else float("nan"),
             "steps": self._steps,
             "skipped_steps": self._skipped,
             "programs": len(self._programs),
@@ -556,6 +654,16 @@ class ShardedModule(torch.nn.Module):
                 "ranks that differ only in tp were given different batches: each must load the slice "
                 f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
             )
+
+
+def _drop_dtype_asserts(gm: GraphModule) -> None:
+    """Remove export's dtype assertions: with bf16/fp16 compute copies the traced fp32 dtypes change."""
+    for mod in gm.modules():
+        if isinstance(mod, GraphModule):
+            for node in list(mod.graph.nodes):
+                if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+                    mod.graph.erase_node(node)
+            mod.recompile()
 
 
 def _has_attr(root: torch.nn.Module, target: str) -> bool:

@@ -177,3 +177,26 @@ COLLECTIVES = (all_reduce, reduce_grad, all_gather, scatter)
 def group_rank(group: str) -> int:
     """This rank's index in the group named ``group``."""
     return _group(group).rank
+
+
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def reduce_scatter_(out: torch.Tensor, inp: torch.Tensor, group: str, *, async_op: bool = False):
+    """Non-differentiable reduce-scatter of ``inp`` (size n·len(out)) into ``out``; returns the work handle."""
+    g = _group(group)
+    if g.size == 1:
+        out.copy_(inp)
+        return None
+    count_bytes(group, (g.size - 1) / g.size * inp.numel() * inp.element_size())
+    return _REDUCE_SCATTER(out, inp, group=g.group, async_op=async_op)
+
+
+def all_gather_(out: torch.Tensor, inp: torch.Tensor, group: str, *, async_op: bool = False):
+    """Non-differentiable all-gather of every rank's ``inp`` into ``out`` (rank order)."""
+    g = _group(group)
+    if g.size == 1:
+        out.copy_(inp)
+        return None
+    count_bytes(group, (g.size - 1) * inp.numel() * inp.element_size())
+    return _ALL_GATHER(out, inp, group=g.group, async_op=async_op)

@@ -34,7 +34,7 @@ class GradientSync:
     """Averages gradients over a data-parallel group, one flat all-reduce per bucket."""
 
     def __init__(self, params: dict[str, torch.nn.Parameter], buckets: list[list[str]], group: str, size: int,
-                 expected: dict[str, int] | None = None) -> None:
+                 expected: dict[str, int] | None = None, always: bool = False) -> None:
         self.params = params
         # accumulations per step before a gradient is final (microbatches × stages using it)
         self.expected = expected or {}
@@ -49,7 +49,7 @@ class GradientSync:
         self._launched: list[tuple[object, torch.Tensor] | None] = []
         self._next = 0
         self._handles = []
-        self.active = size > 1
+        self.active = size > 1 or always  # always: the gradients must be moved even without peers
         if self.active:
             for name in self._bucket_of:
                 self._handles.append(params[name].register_post_accumulate_grad_hook(self._make_hook(name)))
@@ -83,6 +83,7 @@ class GradientSync:
             self._next += 1
 
     def _launch(self, i: int) -> None:
+        """Start bucket ``i``'s reduction (overridden by ZeRO, which reduce-scatters instead)."""
         grads = []
         for n in self.buckets[i]:
             p = self.params[n]
@@ -93,23 +94,26 @@ class GradientSync:
         work = C.all_reduce_(flat, self.group, async_op=True)
         self._launched[i] = (work, flat)
 
+    def _complete(self, i: int, flat: torch.Tensor) -> None:
+        """Bucket ``i``'s reduction has finished: write the averages back into the gradients."""
+        off = 0
+        for n in self.buckets[i]:
+            g = self.params[n].grad
+            k = g.numel()
+            g.copy_(flat[off:off + k].view_as(g))
+            off += k
+
     def finish(self) -> None:
-        """Launch what backward did not reach (unused parameters), wait, and write averages back."""
+        """Launch what backward did not reach (unused parameters), wait, and complete every bucket."""
         if not self.active:
             return
         while self._next < len(self.buckets):
             self._launch(self._next)
             self._next += 1
-        for i, item in enumerate(self._launched):
-            work, flat = item
+        for i, (work, payload) in enumerate(self._launched):
             if work is not None:
                 work.wait()
-            off = 0
-            for n in self.buckets[i]:
-                g = self.params[n].grad
-                k = g.numel()
-                g.copy_(flat[off:off + k].view_as(g))
-                off += k
+            self._complete(i, payload)
         self._armed = False
 
     def remove(self) -> None:

@@ -60,6 +60,7 @@ class PipelineRunner:
         self._header_sent: set[int] = set()
         self._sends: list[tuple[object, torch.Tensor]] = []
         self.peak_inflight = 0  # most microbatches whose activations this rank held at once, last step
+        self.grad_scale = 1.0  # fp16 loss scale applied to the backward seed
 
     # ------------------------------------------------------------------ messaging
     def _group(self, src_stage: int, dst_stage: int):
@@ -144,7 +145,7 @@ class PipelineRunner:
                 if a.stage == self.last:
                     loss = finish(outs, a.microbatch)
                     losses.append(loss.detach())
-                    saved[(a.stage, a.microbatch)] = (ins, [loss / m_total])
+                    saved[(a.stage, a.microbatch)] = (ins, [loss * (self.grad_scale / m_total)])
                 else:
                     outs = list(outs)
                     self._send(outs, a.stage + 1, header=True, src_stage=a.stage)

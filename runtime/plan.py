@@ -64,6 +64,8 @@ class Plan:
     fallbacks: list[dict[str, Any]] = field(default_factory=list)
     dp_buckets: list[list[str]] = field(default_factory=list)
     pipeline: dict[str, Any] = field(default_factory=dict)
+    zero: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, int] = field(default_factory=dict)  # predicted bytes per rank, term by term
     notes: list[str] = field(default_factory=list)
     estimates: dict[str, float] = field(default_factory=dict)
     version: int = PLAN_VERSION
@@ -171,6 +173,15 @@ class Plan:
             nb = len(self.dp_buckets)
             lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "
                           "launched as soon as a bucket's gradients are ready in backward."]
+        if self.zero and (self.zero.get("stage") or self.zero.get("precision") != "fp32" or self.zero.get("offload")):
+            z = self.zero
+            lines += ["", f"Memory manager: ZeRO stage {z['stage']}, {z['precision']} compute copies with fp32 masters"
+                          f"{', optimizer offloaded to CPU' if z.get('offload') else ''}"
+                          f"{', gradients clipped to norm ' + str(z['grad_clip']) if z.get('grad_clip') else ''}"]
+        if self.memory:
+            lines += ["", "Predicted model-state memory per rank (bytes):"]
+            for k, v in self.memory.items():
+                lines.append(f"  {k}: {v:,}")
         if self.notes:
             lines += ["", "Notes:"] + [f"  - {n}" for n in self.notes]
         if self.estimates:

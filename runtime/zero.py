@@ -1,0 +1,270 @@
+"""ZeRO memory manager: flat buckets, partitioned optimizer state and gradients, mixed precision.
+
+Model states per rank for Ψ parameters trained with Adam in mixed precision (ZeRO paper, §3):
+compute copy 2Ψ + gradients 2Ψ + fp32 master, momentum and variance 12Ψ. Over ``N_d`` data-parallel
+ranks, stage 1 divides the 12Ψ, stage 2 also the gradients, stage 3 (not yet here) the parameters.
+
+Layout. Parameters are packed, in gradient-ready order, into flat buckets padded to a multiple of the
+data-parallel size. Each parameter the graph uses is a *view* into its bucket's flat compute buffer
+(fp32, bf16 or fp16). Rank ``r`` of ``N_d`` owns the contiguous slice ``r`` of every bucket: an fp32
+master copy of that slice (on the device, or in CPU memory with ``offload="optimizer"``) is the only
+thing the user's optimizer sees, so its states are 1/N_d of the model. Any *elementwise* optimizer
+(SGD, Adam, AdamW, Adagrad, RMSprop, ...) computes exactly what it would on whole tensors.
+
+Step. Gradients accumulate in the compute dtype. When a bucket's gradients are complete (counted
+per microbatch under pipelining) they are flattened to fp32 and, in bucket order, all-reduced
+(stage 0/1) or reduce-scattered (stage 2) asynchronously during backward; the fp32 shard becomes
+the master's gradient. After backward: unscale (fp16), one global check for inf/nan, global-norm
+clipping (each element counted once across tp, pp and dp), the optimizer step on the masters, and an
+all-gather of the updated masters back into the compute buffers (cast to the compute dtype).
+
+fp16 uses a dynamic loss scaler with DeepSpeed's semantics: initial scale 2**16, ×2 after 1000
+clean steps, hysteresis 2 (the second overflow in a row halves the scale), a skipped step on every
+overflow, and an error when the scale would fall below the minimum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import collectives as C
+from .data_parallel import GradientSync
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class LossScaleError(RuntimeError):
+    """fp16 gradients overflowed at the minimum loss scale: training cannot continue stably."""
+
+
+@dataclass
+class DynamicLossScaler:
+    """DeepSpeed's dynamic loss scaling (initial 2**16, window 1000, hysteresis 2)."""
+
+    scale: float = 2.0**16
+    window: int = 1000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    factor: float = 2.0
+    cur_hysteresis: int = 2
+    iteration: int = 0
+    last_overflow: int = -1
+    overflows: int = 0
+
+    def update(self, overflow: bool) -> None:
+        if overflow:
+            self.overflows += 1
+            if self.hysteresis == 1 or self.cur_hysteresis == 1:
+                if self.scale <= self.min_scale:
+                    raise LossScaleError(
+                        f"fp16 gradients overflow at the minimum loss scale {self.min_scale:g}: the model diverges "
+                        "or needs a wider type; use precision='bf16', lower the learning rate, or clip gradients")
+                self.scale = max(self.scale / self.factor, self.min_scale)
+            else:
+                self.cur_hysteresis -= 1
+            self.last_overflow = self.iteration
+        else:
+            self.cur_hysteresis = self.hysteresis
+            if (self.iteration - self.last_overflow) % self.window == 0:
+                self.scale *= self.factor
+        self.iteration += 1
+
+    def state_dict(self) -> dict:
+        return dict(self.__dict__)
+
+    def load_state_dict(self, d: dict) -> None:
+        self.__dict__.update(d)
+
+
+@dataclass
+class _Bucket:
+    names: list[str]
+    offsets: list[int]  # start of each parameter in the flat buffer
+    numel: int  # parameters' elements
+    padded: int  # multiple of dp
+    flat: torch.Tensor  # compute dtype, on device: the parameters are views into it
+    master: torch.nn.Parameter  # fp32 slice this rank owns (device or CPU)
+    grad_weight: torch.Tensor | None = None  # per-element weight for the global norm (1/replication)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shard(self) -> int:
+        return self.master.numel()
+
+
+class ZeroOptimizer(GradientSync):
+    """Owns this rank's compute parameters (as views of flat buckets) and the sharded optimizer."""
+
+    def __init__(self, params: dict[str, torch.nn.Parameter], full_fp32: dict[str, torch.Tensor],
+                 buckets: list[list[str]], *, group: str, size: int, rank: int, stage: int, precision: str,
+                 optimizer_factory, device: torch.device, offload: str | None = None, grad_clip: float | None = None,
+                 expected: dict[str, int] | None = None, norm_weight: dict[str, float] | None = None,
+                 global_norm: bool = False) -> None:
+        if stage not in (0, 1, 2):
+            raise ValueError(f"zero={stage}: this runtime supports ZeRO stages 0, 1 and 2")
+        self.stage = stage
+        self.rank = rank
+        self.dtype = DTYPES[precision]
+        self.precision = precision
+        self.offload = offload
+        self.grad_clip = grad_clip
+        self.device = device
+        self.global_norm = global_norm  # reduce norms and overflow flags over every rank
+        # stage 0 keeps whole masters on every rank; stages 1-2 give rank r slice r of each bucket
+        self.parts = size if stage >= 1 else 1
+        self.part = rank if stage >= 1 else 0
+        self.scaler = DynamicLossScaler() if precision == "fp16" else None
+        self.last_grad_norm = float("nan")
+        self.zbuckets: list[_Bucket] = []
+        master_device = torch.device("cpu") if offload == "optimizer" else device
+        norm_weight = norm_weight or {}
+        for names in buckets:
+            shapes = [params[n].shape for n in names]
+            sizes = [math.prod(s) for s in shapes]
+            numel = sum(sizes)
+            padded = -(-numel // size) * size
+            flat = torch.zeros(padded, dtype=self.dtype, device=device)
+            full32 = torch.zeros(padded, dtype=torch.float32)
+            offsets, off = [], 0
+            weight = torch.ones(padded, dtype=torch.float32)
+            for n, k in zip(names, sizes):
+                offsets.append(off)
+                full32[off:off + k] = full_fp32[n].reshape(-1).float()
+                weight[off:off + k] = norm_weight.get(n, 1.0)
+                off += k
+            weight[numel:] = 0.0
+            if self.parts == 1:
+                weight /= size  # every dp rank holds the whole gradient: count each element once
+            flat.copy_(full32.to(device))
+            for n, k, shp, o in zip(names, sizes, shapes, offsets):
+                params[n].data = flat[o:o + k].view(shp)
+            sh = padded // self.parts
+            mine = slice(self.part * sh, (self.part + 1) * sh)
+            master = torch.nn.Parameter(full32[mine].clone().to(master_device))
+            if master_device.type == "cpu" and device.type == "cuda":
+                master.data = master.data.pin_memory()
+            self.zbuckets.append(_Bucket(names, offsets, numel, padded, flat, master,
+                                         weight[mine].clone().to(master_device)))
+        super().__init__(params, buckets, group, size, expected=expected, always=True)
+        self.optimizer = optimizer_factory([b.master for b in self.zbuckets])
+
+    # ------------------------------------------------------------------ reduction
+    def _launch(self, i: int) -> None:
+        b = self.zbuckets[i]
+        flat = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
+        for n, o in zip(b.names, b.offsets):
+            p = self.params[n]
+            if p.grad is not None:
+                flat[o:o + p.numel()] = p.grad.reshape(-1).float()
+                p.grad = None  # the flat fp32 copy replaces it
+        flat.div_(self.size)
+        if self.stage == 2:
+            out = torch.empty(b.shard, dtype=torch.float32, device=self.device)
+            work = C.reduce_scatter_(out, flat, self.group, async_op=True)
+            self._launched[i] = (work, out)
+        else:
+            work = C.all_reduce_(flat, self.group, async_op=True)
+            self._launched[i] = (work, flat)
+
+    def _complete(self, i: int, payload: torch.Tensor) -> None:
+        b = self.zbuckets[i]
+        if self.stage != 2:
+            payload = payload[self.part * b.shard:(self.part + 1) * b.shard]
+        b.master.grad = payload.to(b.master.device, non_blocking=True)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> bool:
+        """Unscale, check, clip, update the masters, gather them into the compute buffers.
+
+        Returns False when the step was skipped (fp16 overflow).
+        """
+        grads = [b.master.grad for b in self.zbuckets]
+        if self.scaler is not None:
+            for g in grads:
+                g.div_(self.scaler.scale)
+        sq = torch.zeros(2, dtype=torch.float64)
+        for b, g in zip(self.zbuckets, grads):
+            sq[0] += float((g.double() ** 2 * b.grad_weight.double()).sum())
+            sq[1] += float((~torch.isfinite(g)).sum())
+        if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
+            t = sq.to(self.device)
+            dist.all_reduce(t)
+            sq = t.cpu()
+        overflow = bool(sq[1] > 0)
+        self.last_grad_norm = math.sqrt(float(sq[0])) if not overflow else float("inf")
+        if self.scaler is not None:
+            self.scaler.update(overflow)
+        if overflow:
+            self.zero_grad()
+            return False
+        if self.grad_clip is not None and self.last_grad_norm > self.grad_clip:
+            coef = self.grad_clip / (self.last_grad_norm + 1e-6)
+            for g in grads:
+                g.mul_(coef)
+        self.optimizer.step()
+        self.zero_grad()
+        self._gather()
+        return True
+
+    def _gather(self) -> None:
+        """All-gather every rank's updated master slice into the flat compute buffers."""
+        for b in self.zbuckets:
+            mine = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)
+            if self.parts == 1:
+                b.flat.copy_(mine)
+            else:
+                C.all_gather_(b.flat, mine, self.group)
+
+    def zero_grad(self) -> None:
+        for b in self.zbuckets:
+            b.master.grad = None
+        for p in self.params.values():
+            p.grad = None
+
+    def loss_scale(self) -> float:
+        return self.scaler.scale if self.scaler is not None else 1.0
+
+    # ------------------------------------------------------------------ memory and state
+    def model_state_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds for model states, as allocated (not estimated)."""
+        params = sum(b.flat.numel() * b.flat.element_size() for b in self.zbuckets)
+        master = sum(b.master.numel() * 4 for b in self.zbuckets)
+        states = 0
+        for st in self.optimizer.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    states += v.numel() * v.element_size()
+        return {"params": params, "master": master, "optimizer_states": states}
+
+    def full_master(self, name: str) -> torch.Tensor:
+        """The fp32 master values of parameter ``name`` (gathered over dp), for checkpoints."""
+        return self._gather_over_dp(name, lambda b: b.master.detach())
+
+    def full_state(self, name: str, key: str) -> torch.Tensor | None:
+        """Optimizer state ``key`` of parameter ``name`` (gathered over dp), e.g. Adam's exp_avg."""
+        def src(b):
+            st = self.optimizer.state.get(b.master, {})
+            v = st.get(key)
+            return v if isinstance(v, torch.Tensor) and v.dim() > 0 else None
+        return self._gather_over_dp(name, src)
+
+    def _gather_over_dp(self, name: str, src) -> torch.Tensor | None:
+        for b in self.zbuckets:
+            if name not in b.names:
+                continue
+            mine = src(b)
+            if mine is None:
+                return None
+            full = torch.empty(b.padded, dtype=mine.dtype, device=self.device)
+            if self.parts == 1:
+                full.copy_(mine)
+            else:
+                C.all_gather_(full, mine.to(self.device).contiguous(), self.group)
+            i = b.names.index(name)
+            o = b.offsets[i]
+            return full[o:o + self.params[name].numel()].view(self.params[name].shape).cpu()
+        raise KeyError(name)
