@@ -217,13 +217,15 @@ class ShardedModule(torch.nn.Module):
             args, kwargs = _microbatches((args, kwargs), local_b, m)[0]
         elif (microbatches or 1) != 1 or virtual_stages != 1 or split_points:
             raise PlanError("microbatches, virtual_stages and split_points need a pipeline: use Mesh(pp=...) > 1")
-        gm = capture(model, args, kwargs, training=True)
+        self._capture_dtype = None if precision == "fp32" else DTYPES[precision]
+        gm = capture(model, args, kwargs, training=True, param_dtype=self._capture_dtype)
         if loss_fn is None:
             _check_output_is_loss(gm)
         self._tp_plan = plan_tensor_parallel(gm, self._tp)
         layouts = self._tp_plan.layouts
         self._params: dict[str, torch.nn.Parameter] = {}
-        self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in gm.named_buffers()}
+        self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in model.named_buffers()
+                               if n in dict(gm.named_buffers())}
         self._sd_keys = list(model.state_dict().keys())
         self._alias_of = {a: n for n in layouts for a in [n, *layouts[n].aliases]}
 
@@ -345,7 +347,7 @@ class ShardedModule(torch.nn.Module):
         """This rank's shard of parameter ``name``, created on first use from the model's tensor."""
         p = self._params.get(name)
         if p is None:
-            src = self._model[0].get_parameter(name)
+            src = self._model[0].get_parameter(name)  # the user's tensor (full precision), not the capture's
             lay = self._tp_plan.layouts[name]
             pl = parse_placement(lay.placement)
             full = src.detach()
@@ -382,8 +384,6 @@ class ShardedModule(torch.nn.Module):
         plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
         gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
         _retarget_device(gm, self.mesh.device)
-        if self._precision != "fp32":
-            _drop_dtype_asserts(gm)
         if self._pp == 1:
             self._bind(gm, list(self._tp_plan.layouts))
             return gm, gm, collectives, None
@@ -445,7 +445,7 @@ class ShardedModule(torch.nn.Module):
         prog = self._programs.get(key)
         if prog is None:
             cpu_args = tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, (args, kwargs))
-            gm = capture(self._model[0], cpu_args[0], cpu_args[1], training=training)
+            gm = capture(self._model[0], cpu_args[0], cpu_args[1], training=training, param_dtype=self._capture_dtype)
             prog = self._lower(gm)[0]
             self._programs[key] = prog
         return prog
@@ -654,16 +654,6 @@ class ShardedModule(torch.nn.Module):
                 "ranks that differ only in tp were given different batches: each must load the slice "
                 f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
             )
-
-
-def _drop_dtype_asserts(gm: GraphModule) -> None:
-    """Remove export's dtype assertions: with bf16/fp16 compute copies the traced fp32 dtypes change."""
-    for mod in gm.modules():
-        if isinstance(mod, GraphModule):
-            for node in list(mod.graph.nodes):
-                if node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
-                    mod.graph.erase_node(node)
-            mod.recompile()
 
 
 def _has_attr(root: torch.nn.Module, target: str) -> bool:

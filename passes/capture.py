@@ -20,6 +20,30 @@ from autoshard.runtime.errors import CaptureError
 
 
 @contextlib.contextmanager
+def _param_dtype(model: torch.nn.Module, dtype: torch.dtype | None):
+    """Temporarily give every floating parameter ``dtype`` (uninitialised), so the graph traces the
+    dtypes a bf16/fp16 model computes in; the originals are put back untouched afterwards."""
+    if dtype is None:
+        yield
+        return
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
+    stand_in: dict[int, torch.nn.Parameter] = {}
+    try:
+        for mod in model.modules():
+            for name, p in list(mod._parameters.items()):
+                if p is None or not p.is_floating_point():
+                    continue
+                if id(p) not in stand_in:
+                    stand_in[id(p)] = torch.nn.Parameter(torch.empty_like(p, dtype=dtype), requires_grad=p.requires_grad)
+                swapped.append((mod, name, p))
+                mod._parameters[name] = stand_in[id(p)]
+        yield
+    finally:
+        for mod, name, p in swapped:
+            mod._parameters[name] = p
+
+
+@contextlib.contextmanager
 def _capture_mode(model: torch.nn.Module, training: bool):
     cfg = getattr(model, "config", None)
     old_cache = getattr(cfg, "use_cache", None) if cfg is not None else None
@@ -41,14 +65,18 @@ def capture(
     kwargs: dict[str, Any] | None = None,
     *,
     training: bool = True,
+    param_dtype: torch.dtype | None = None,
 ) -> GraphModule:
     """Export ``model(*args, **kwargs)`` to an aten-level graph module that shares its parameters.
+
+    ``param_dtype`` captures the model as if its floating parameters had that dtype (bf16/fp16
+    compute), without changing them.
 
     Raises :class:`CaptureError` quoting the export failure and what to try.
     """
     kwargs = dict(kwargs or {})
     try:
-        with _capture_mode(model, training):
+        with _capture_mode(model, training), _param_dtype(model, param_dtype):
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         last = "".join(traceback.format_exception_only(type(e), e)).strip()

@@ -107,9 +107,10 @@ class Plan:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 over the decisions (not the estimates): equal on every rank of one run."""
+        """sha256 over the decisions (not the estimates or per-rank memory): equal on every rank of one run."""
         d = asdict(self)
         d.pop("estimates")
+        d.pop("memory")  # per rank: pipeline stages hold different parameters
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

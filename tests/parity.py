@@ -67,7 +67,7 @@ def inputs(kind: str, tokens: torch.Tensor):
     return {"input_ids": tokens, "labels": tokens}, None, None
 
 
-def reference(kind: str, opt: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(kind: str, opt: str, grad_clip: float | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = make_model(kind)
     optim = make_optimizer(opt)(list(model.parameters()))
     losses = []
@@ -77,6 +77,8 @@ def reference(kind: str, opt: str) -> tuple[list[float], dict[str, torch.Tensor]
         loss = loss_fn(out, target) if loss_fn else out.loss
         optim.zero_grad()
         loss.backward()
+        if grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optim.step()
         losses.append(loss.item())
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
