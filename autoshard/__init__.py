@@ -19,9 +19,17 @@ from autoshard.runtime import (
 from .api import ShardedModule, autoshard
 from .launch import launch
 
+
+def load(path: str, sm: ShardedModule) -> None:
+    """Load a checkpoint written by ``ShardedModule.save`` into ``sm``, whatever its plan (collective)."""
+    from autoshard.runtime.checkpoint import load as _load
+
+    _load(path, sm)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "AutoshardError", "CaptureError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
-    "PlanMismatchError", "ShardedModule", "autoshard", "launch",
+    "PlanMismatchError", "ShardedModule", "autoshard", "launch", "load",
 ]

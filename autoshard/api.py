@@ -603,6 +603,78 @@ class ShardedModule(torch.nn.Module):
                 out[k] = self._model[0].state_dict()[k].clone()
         return out
 
+    def save(self, path: str) -> None:
+        """Write a sharded, atomic checkpoint of model, optimizer, loss scaler, RNG and step (collective)."""
+        from autoshard.runtime.checkpoint import save
+
+        save(self, path)
+
+    # ------------------------------------------------------------------ checkpoint state
+    @torch.no_grad()
+    def local_training_state(self) -> dict[str, Any]:
+        """This rank's training state in plan-independent pieces, for checkpoints (collective over dp).
+
+        ``params[name]`` and ``optim[name][key]`` are this rank's *tensor-parallel* shard of each
+        parameter it holds, whole over data parallelism (ZeRO slices gathered), in fp32; ``optim``
+        holds every per-parameter tensor state of the optimizer (Adam's ``exp_avg``, ``exp_avg_sq``;
+        SGD's ``momentum_buffer``) and ``optim_scalars`` the scalar ones (``step``).
+        """
+        params: dict[str, torch.Tensor] = {}
+        optim: dict[str, dict[str, torch.Tensor]] = {}
+        scalars: dict[str, dict[str, float]] = {}
+        opt = self.optimizer
+        for n, p in self._params.items():
+            if self._zero is not None:
+                params[n] = self._zero.full_master(n)
+                keys = sorted({k for st in opt.state.values() for k, v in st.items()
+                               if isinstance(v, torch.Tensor) and v.dim() > 0})
+                optim[n] = {k: self._zero.full_state(n, k) for k in keys}
+                st = next(iter(opt.state.values()), {})
+            else:
+                params[n] = p.detach().float().cpu().clone()
+                st = opt.state.get(p, {}) if opt is not None else {}
+                optim[n] = {k: v.detach().cpu().clone() for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+            scalars[n] = {k: float(v) for k, v in st.items() if not (isinstance(v, torch.Tensor) and v.dim() > 0)
+                          and isinstance(v, (int, float, torch.Tensor))}
+        return {
+            "params": params, "optim": optim, "optim_scalars": scalars,
+            "loss_scaler": self._zero.scaler.state_dict() if self._zero is not None and self._zero.scaler else None,
+            "step": self._steps, "skipped": self._skipped,
+            "rng": {"cpu": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state() if self.mesh.device.type == "cuda" else None},
+        }
+
+    @torch.no_grad()
+    def load_local_training_state(self, state: dict[str, Any]) -> None:
+        """Inverse of :meth:`local_training_state` (this rank's tp shards, whole over dp)."""
+        missing = [n for n in self._params if n not in state["params"]]
+        if missing:
+            raise KeyError(f"the state has no values for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        for n, p in self._params.items():
+            if tuple(state["params"][n].shape) != tuple(p.shape):
+                raise ValueError(f"{n}: the state holds shape {tuple(state['params'][n].shape)}, this rank needs "
+                                 f"{tuple(p.shape)}")
+        if self._zero is not None:
+            self._zero.load_full(state["params"], state["optim"], state["optim_scalars"])
+            if state.get("loss_scaler") and self._zero.scaler is not None:
+                self._zero.scaler.load_state_dict(state["loss_scaler"])
+        else:
+            opt = self.optimizer
+            for n, p in self._params.items():
+                p.data.copy_(state["params"][n].to(p.device, p.dtype))
+                if opt is not None and (state["optim"].get(n) or state["optim_scalars"].get(n)):
+                    st = {k: v.to(p.device).clone() for k, v in state["optim"].get(n, {}).items()}
+                    for k, v in state["optim_scalars"].get(n, {}).items():
+                        st[k] = torch.tensor(v, dtype=torch.float32)
+                    opt.state[p] = st
+        self._steps = int(state.get("step", 0))
+        self._skipped = int(state.get("skipped", 0))
+        rng = state.get("rng") or {}
+        if rng.get("cpu") is not None:
+            torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and self.mesh.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"])
+
     def _owns(self, stage: int, name: str) -> bool:
         split_params = self._stage_params_names
         return name in split_params[stage]

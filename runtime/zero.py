@@ -252,6 +252,32 @@ class ZeroOptimizer(GradientSync):
             return v if isinstance(v, torch.Tensor) and v.dim() > 0 else None
         return self._gather_over_dp(name, src)
 
+    @torch.no_grad()
+    def load_full(self, params: dict[str, torch.Tensor], optim: dict[str, dict[str, torch.Tensor]],
+                  scalars: dict[str, dict[str, float]]) -> None:
+        """Set masters, compute copies and optimizer states from whole-over-dp per-parameter values."""
+        for b in self.zbuckets:
+            full = torch.zeros(b.padded, dtype=torch.float32)
+            for n, o in zip(b.names, b.offsets):
+                full[o:o + self.params[n].numel()] = params[n].reshape(-1).float()
+            mine = slice(self.part * b.shard, (self.part + 1) * b.shard)
+            b.master.data.copy_(full[mine].to(b.master.device))
+            b.flat.copy_(full.to(self.device, self.dtype))
+            keys = sorted({k for n in b.names for k in optim.get(n, {})})
+            st: dict[str, torch.Tensor] = {}
+            for k in keys:
+                flat = torch.zeros(b.padded, dtype=torch.float32)
+                for n, o in zip(b.names, b.offsets):
+                    v = optim.get(n, {}).get(k)
+                    if v is not None:
+                        flat[o:o + self.params[n].numel()] = v.reshape(-1).float()
+                st[k] = flat[mine].clone().to(b.master.device)
+            for n in b.names:
+                for k, v in scalars.get(n, {}).items():
+                    st[k] = torch.tensor(v, dtype=torch.float32)
+            if st:
+                self.optimizer.state[b.master] = st
+
     def _gather_over_dp(self, name: str, src) -> torch.Tensor | None:
         for b in self.zbuckets:
             if name not in b.names:
