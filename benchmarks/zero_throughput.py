@@ -1,0 +1,148 @@
+"""ZeRO + bf16 throughput on the Llama-style 953M model, next to DDP and FSDP2, in one torchrun job.
+
+    torchrun --nproc-per-node 4 benchmarks/zero_throughput.py [--d 2048 --layers 16 --seq 2048 --batch 4]
+
+Same model (examples/llama.py), data, fused AdamW. Peers use bf16 autocast (DDP) or FSDP2's bf16
+MixedPrecisionPolicy (eager, and with each block torch.compile'd as torchtitan does); autoshard uses
+bf16 compute copies with fp32 master weights. 2 warm-up steps (more for compiled peers), median of
+timed steps, CUDA-synchronised; peak memory from torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import autoshard
+from autoshard.examples.gpt import lm_loss
+from autoshard.examples.llama import Llama, LlamaConfig, num_params
+
+PEAK = 989e12
+
+
+def timed(step, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    dist.barrier()
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--ffn", type=int, default=5632)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--batch", type=int, default=4, help="sequences per GPU")
+    ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--systems", default="ddp,fsdp2,fsdp2_compile,as_z1,as_z2")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    local = int(os.environ["LOCAL_RANK"])
+    torch.cuda.set_device(local)
+    dist.init_process_group("nccl")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cfg = LlamaConfig(vocab_size=a.vocab, d_model=a.d, n_layers=a.layers, n_heads=a.heads, n_kv_heads=a.heads,
+                      ffn=a.ffn, seq_len=a.seq)
+    torch.manual_seed(0)
+    base = Llama(cfg)
+    n = num_params(cfg)
+    flops_tok = 6 * n + 12 * a.layers * a.d * a.seq
+    g = torch.Generator().manual_seed(1 + rank)
+    x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
+    rows = []
+
+    def report(system: str, t: float) -> None:
+        tok_gpu = a.batch * a.seq / t
+        peak = torch.cuda.max_memory_allocated() / 2**30
+        rows.append({"system": system, "tok_s_gpu": tok_gpu, "mfu": tok_gpu * flops_tok / PEAK, "peak_gib": peak,
+                     "step_s": t})
+        if rank == 0:
+            print(f"{system:34s} {tok_gpu:9,.0f} tok/s/GPU  MFU {100 * tok_gpu * flops_tok / PEAK:5.1f}%  "
+                  f"peak {peak:6.2f} GiB  step {t * 1e3:8.1f} ms", flush=True)
+
+    def fresh() -> Llama:
+        m = Llama(cfg)
+        m.load_state_dict(base.state_dict())
+        return m.cuda()
+
+    def run_ddp() -> float:
+        model = torch.nn.parallel.DistributedDataParallel(fresh(), device_ids=[local])
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        xc = x.cuda()
+
+        def step():
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = lm_loss(model(xc), xc)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return timed(step, 2, a.iters)
+
+    def run_fsdp2(compile_blocks: bool) -> float:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        model = fresh()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for i, block in enumerate(model.layers):
+            if compile_blocks:
+                block.compile()
+            fully_shard(block, mp_policy=mp, reshard_after_forward=i < len(model.layers) - 1)
+        fully_shard(model, mp_policy=mp)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+        xc = x.cuda()
+
+        def step():
+            loss = lm_loss(model(xc), xc)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return timed(step, 4 if compile_blocks else 2, a.iters)
+
+    def run_autoshard(zero: int) -> float:
+        mesh = autoshard.Mesh(dp=world)
+        sm = autoshard.autoshard(base, mesh, example_inputs=(x,), loss_fn=lm_loss,
+                                 optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
+                                 zero=zero, precision="bf16")
+        if rank == 0:
+            print(sm.plan.summary(), {k: f"{v / 2**30:.2f} GiB" for k, v in sm.plan.memory.items()}, flush=True)
+        return timed(lambda: sm.train_step((x,), x), 2, a.iters)
+
+    systems = {
+        "ddp": (f"DDP x{world} (bf16 autocast)", run_ddp),
+        "fsdp2": (f"FSDP2 x{world} (bf16 MP)", lambda: run_fsdp2(False)),
+        "fsdp2_compile": (f"FSDP2 x{world} + block compile", lambda: run_fsdp2(True)),
+        "as_z1": (f"autoshard dp{world} zero1 bf16", lambda: run_autoshard(1)),
+        "as_z2": (f"autoshard dp{world} zero2 bf16", lambda: run_autoshard(2)),
+    }
+    for key in a.systems.split(","):
+        name, fn = systems[key]
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        report(name, fn())
+    if rank == 0 and a.out:
+        with open(a.out, "w") as f:
+            json.dump({"config": vars(a), "params": n, "torch": torch.__version__,
+                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
