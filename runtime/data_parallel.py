@@ -74,13 +74,27 @@ class GradientSync:
         self._ready = [set() for _ in self.buckets]
         self._launched = [None] * len(self.buckets)
         self._next = 0
+        self._done = 0
 
     _armed = False
+
+    max_inflight = 4  # buckets reduced concurrently: bounds the memory of flat gradient copies
 
     def _launch_ready(self) -> None:
         while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
             self._launch(self._next)
             self._next += 1
+            self._drain(self._next - self.max_inflight)
+
+    def _drain(self, upto: int) -> None:
+        """Wait for and complete launched buckets with index < ``upto``, oldest first."""
+        while self._done < min(upto, self._next):
+            work, payload = self._launched[self._done]
+            if work is not None:
+                work.wait()
+            self._complete(self._done, payload)
+            self._launched[self._done] = None
+            self._done += 1
 
     def _launch(self, i: int) -> None:
         """Start bucket ``i``'s reduction (overridden by ZeRO, which reduce-scatters instead)."""
@@ -110,10 +124,8 @@ class GradientSync:
         while self._next < len(self.buckets):
             self._launch(self._next)
             self._next += 1
-        for i, (work, payload) in enumerate(self._launched):
-            if work is not None:
-                work.wait()
-            self._complete(i, payload)
+            self._drain(self._next - self.max_inflight)
+        self._drain(len(self.buckets))
         self._armed = False
 
     def remove(self) -> None:
