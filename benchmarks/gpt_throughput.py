@@ -10,31 +10,14 @@ over 989 TFLOP/s, the bf16 dense peak used for all figures in RESULTS.md) and pe
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from harness import Results, timed
 
 import autoshard
 from autoshard.examples.gpt import GPT, GPTConfig, lm_loss
-
-PEAK = 989e12
-
-
-def timed(step, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -54,20 +37,14 @@ def main() -> None:
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
     dist.init_process_group("nccl")
-    rank = dist.get_rank()
     torch.manual_seed(0)
     base = GPT(cfg)
     n_params = sum(p.numel() for p in base.parameters())
     flops_tok = 6 * n_params + 12 * a.layers * a.d * a.seq
-    rows = []
+    results = Results(flops_tok, vars(a), n_params)
 
     def report(system: str, seqs_per_step_global: int, t: float) -> None:
-        tok_gpu = seqs_per_step_global * a.seq / t / world
-        mfu = tok_gpu * flops_tok / PEAK
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append({"system": system, "tok_s_gpu": tok_gpu, "mfu": mfu, "peak_gib": peak, "step_s": t})
-        if rank == 0:
-            print(f"{system:28s} {tok_gpu:10,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:6.2f} GiB  step {t * 1e3:7.1f} ms", flush=True)
+        results.add(system, seqs_per_step_global * a.seq / world, t)
 
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
@@ -101,10 +78,7 @@ def main() -> None:
         name = "autoshard " + "x".join(f"{k}{v}" for k, v in degrees.items())
         report(name, a.batch * mesh.data_size, run_autoshard(mesh))
         torch.cuda.empty_cache()
-    if rank == 0 and a.out:
-        with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "params": n_params, "torch": torch.__version__,
-                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    results.write(a.out)
     dist.destroy_process_group()
 
 

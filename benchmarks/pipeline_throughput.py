@@ -9,36 +9,17 @@ splits at the same block boundaries. Median of timed steps after warm-up, CUDA-s
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from harness import Results, llama_parser, timed
 
 import autoshard
 from autoshard.examples.gpt import lm_loss
 from autoshard.examples.llama import Llama, LlamaConfig, num_params
-
-PEAK = 989e12
-
-
-def timed(step, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class _Stage(nn.Module):
@@ -62,17 +43,8 @@ class _Stage(nn.Module):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=8, help="sequences per step (global)")
+    ap = llama_parser(__doc__, 8, "sequences per step (global)", 5)
     ap.add_argument("--microbatches", type=int, default=8)
-    ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = True
     local = int(os.environ["LOCAL_RANK"])
@@ -87,16 +59,10 @@ def main() -> None:
     flops_tok = 6 * n + 12 * a.layers * a.d * a.seq
     g = torch.Generator().manual_seed(1)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
-    rows = []
+    results = Results(flops_tok, vars(a), n)
 
     def report(system: str, t: float) -> None:
-        tok_gpu = a.batch * a.seq / t / world
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append({"system": system, "tok_s_gpu": tok_gpu, "mfu": tok_gpu * flops_tok / PEAK, "peak_gib": peak,
-                     "step_s": t})
-        if rank == 0:
-            print(f"{system:34s} {tok_gpu:9,.0f} tok/s/GPU  MFU {100 * tok_gpu * flops_tok / PEAK:5.1f}%  "
-                  f"peak(rank0) {peak:6.2f} GiB  step {t * 1e3:8.1f} ms", flush=True)
+        results.add(system, a.batch * a.seq / world, t)
 
     def run_peer() -> float:
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B
@@ -146,10 +112,7 @@ def main() -> None:
             if rank == 0:
                 print(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
             raise
-    if rank == 0 and a.out:
-        with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "params": n, "torch": torch.__version__,
-                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    results.write(a.out)
     dist.destroy_process_group()
 
 

@@ -10,48 +10,20 @@ timed steps, CUDA-synchronised; peak memory from torch.cuda.max_memory_allocated
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
+from harness import Results, llama_parser, timed
 
 import autoshard
 from autoshard.examples.gpt import lm_loss
 from autoshard.examples.llama import Llama, LlamaConfig, num_params
 
-PEAK = 989e12
-
-
-def timed(step, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
-    ap.add_argument("--heads", type=int, default=16)
-    ap.add_argument("--ffn", type=int, default=5632)
-    ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--batch", type=int, default=4, help="sequences per GPU")
-    ap.add_argument("--iters", type=int, default=6)
+    ap = llama_parser(__doc__, 4, "sequences per GPU", 6)
     ap.add_argument("--systems", default="ddp,fsdp2,fsdp2_compile,as_z1,as_z2")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args()
     local = int(os.environ["LOCAL_RANK"])
     torch.cuda.set_device(local)
@@ -65,16 +37,10 @@ def main() -> None:
     flops_tok = 6 * n + 12 * a.layers * a.d * a.seq
     g = torch.Generator().manual_seed(1 + rank)
     x = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g)
-    rows = []
+    results = Results(flops_tok, vars(a), n)
 
     def report(system: str, t: float) -> None:
-        tok_gpu = a.batch * a.seq / t
-        peak = torch.cuda.max_memory_allocated() / 2**30
-        rows.append({"system": system, "tok_s_gpu": tok_gpu, "mfu": tok_gpu * flops_tok / PEAK, "peak_gib": peak,
-                     "step_s": t})
-        if rank == 0:
-            print(f"{system:34s} {tok_gpu:9,.0f} tok/s/GPU  MFU {100 * tok_gpu * flops_tok / PEAK:5.1f}%  "
-                  f"peak {peak:6.2f} GiB  step {t * 1e3:8.1f} ms", flush=True)
+        results.add(system, a.batch * a.seq, t)
 
     def fresh() -> Llama:
         m = Llama(cfg)
@@ -137,10 +103,7 @@ def main() -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         report(name, fn())
-    if rank == 0 and a.out:
-        with open(a.out, "w") as f:
-            json.dump({"config": vars(a), "params": n, "torch": torch.__version__,
-                       "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+    results.write(a.out)
     dist.destroy_process_group()
 
 

@@ -63,7 +63,7 @@ class Mesh:
         if unsupported:
             raise MeshError(
                 f"mesh dimension(s) {', '.join(unsupported)} are not supported yet; this version "
-                f"shards over {', '.join(sorted(SUPPORTED_DIMS))}. Use Mesh(dp=..., tp=...)."
+                f"shards over {', '.join(sorted(SUPPORTED_DIMS))}. Use Mesh(pp=..., dp=..., tp=...)."
             )
         self.id = next(_mesh_ids)
         self.virtual = _virtual_rank is not None
