@@ -8,12 +8,14 @@ computes the same function as the model on one device.
 from autoshard.runtime import (
     AutoshardError,
     CaptureError,
+    CheckpointError,
     Mesh,
     MeshError,
     ParamPlan,
     Plan,
     PlanError,
     PlanMismatchError,
+    ScheduleError,
 )
 
 from .api import ShardedModule, autoshard
@@ -30,6 +32,6 @@ def load(path: str, sm: ShardedModule) -> None:
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoshardError", "CaptureError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
+    "AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
     "PlanMismatchError", "ShardedModule", "autoshard", "launch", "load",
 ]

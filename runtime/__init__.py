@@ -1,8 +1,16 @@
 """Runtime: the shared vocabulary (Mesh, Plan, placements) and what executes a plan."""
 
-from .errors import AutoshardError, CaptureError, MeshError, PlanError, PlanMismatchError
+from .errors import (
+           AutoshardError,
+           CaptureError,
+           CheckpointError,
+           MeshError,
+           PlanError,
+           PlanMismatchError,
+           ScheduleError,
+)
 from .mesh import Mesh
 from .plan import ParamPlan, Plan
 
-__all__ = ["AutoshardError", "CaptureError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
+__all__ = ["AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
            "ParamPlan", "Plan"]

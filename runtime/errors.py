@@ -23,3 +23,7 @@ class PlanMismatchError(AutoshardError, RuntimeError):
 
 class ScheduleError(AutoshardError, ValueError):
     """A pipeline schedule is invalid: bad sizes, a missing or duplicated action, or an order that deadlocks."""
+
+
+class CheckpointError(AutoshardError, RuntimeError):
+    """A checkpoint cannot be written or read: missing, corrupt, incomplete, or from another model."""

@@ -82,7 +82,7 @@ def test_mesh_rejects_unsupported_dimensions(dim, no_launcher_env):
         Mesh(dp=2, **{dim: 2})
     msg = str(ei.value)
     assert f"mesh dimension(s) {dim} are not supported yet" in msg
-    assert "Use Mesh(dp=..., tp=...)" in msg
+    assert "Use Mesh(pp=..., dp=..., tp=...)" in msg
     # MeshError is also a ValueError and an AutoshardError
     assert isinstance(ei.value, ValueError) and isinstance(ei.value, autoshard.AutoshardError)
 

@@ -10,10 +10,10 @@ import functools
 
 import pytest
 import torch
-from parity import batch, check, inputs, make_model, make_optimizer, reference, rel, run_cases
 
 import autoshard
 from autoshard.runtime.zero import DynamicLossScaler, LossScaleError
+from parity import batch, check, inputs, make_model, make_optimizer, reference, rel, run_cases
 
 BF16_LOSS_BOUND = 2e-2  # per-step loss, relative, 5 AdamW steps, against the fp32 run
 BF16_MODEL_BOUND = 1e-1  # whole-model parameter difference over its norm (measured up to 5.1%)
