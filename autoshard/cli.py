@@ -151,9 +151,9 @@ def _check(args: argparse.Namespace) -> int:
     low = _lower(args, err)
     plan = low.plan
     con = _console()
-    con.print(Text(f"autoshard check: {low.model_name} on {viz._mesh_text(plan.mesh)} (virtual mesh, rank 0's "
-                   f"program), inputs {args.input}", style="bold"))
-    con.print(Text(plan.summary()))
+    con.print(Text(f"autoshard check: {low.model_name} on {viz.mesh_text(plan.mesh)} (virtual mesh, rank 0's "
+                   f"program), inputs {args.input}", style="bold"), soft_wrap=True)
+    con.print(Text(plan.summary()), soft_wrap=True)
 
     cov = viz.op_coverage(low)
     t = Table(title="Ops in the rewritten graph", title_justify="left")
@@ -169,7 +169,8 @@ def _check(args: argparse.Namespace) -> int:
     t.add_row(Text("total", style="bold"), *(str(v) for v in totals))
     con.print(t)
     coll = viz.collective_counts(low)
-    con.print(Text("collectives inserted: " + (", ".join(f"{n} {op}" for op, n in sorted(coll.items())) or "none")))
+    con.print(Text("collectives inserted: " + (", ".join(f"{n} {op}" for op, n in sorted(coll.items())) or "none")),
+              soft_wrap=True)
 
     p = Table(title="Parameters", title_justify="left")
     for col in ("name", "shape", "placement", "local shape", "role"):
@@ -196,6 +197,21 @@ def _check(args: argparse.Namespace) -> int:
 
 
 # ====================================================================================== parser
+_VIZ_DESCRIPTION = """\
+Shard MODEL on a virtual mesh (no processes; rank 0's view) and draw the
+rewritten graph: nodes grouped by pipeline stage and module, edges labelled
+with placement (R, S(d), P) and local shape, collectives with the bytes they
+move, fallbacks with their reason and source line, and repeated blocks folded
+into one group marked '× N'. The HTML page is self-contained (no network
+references) and adds the pipeline schedule timeline (pp > 1) and per-rank
+memory."""
+
+_CHECK_DESCRIPTION = """\
+Shard MODEL on a virtual mesh and print its op coverage (per op: nodes run on
+shards, run replicated, or fallen back), every parameter's placement and role,
+and the fallbacks with their reason and source line."""
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     from autoshard.runtime.schedules import SCHEDULES
 
@@ -238,11 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser(
         "viz", help="draw the rewritten graph of a model sharded on a virtual mesh",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Shard MODEL on a virtual mesh (no processes; rank 0's view) and draw the rewritten graph: "
-                    "nodes grouped by\npipeline stage and module, edges labelled with placement (R, S(d), P) and "
-                    "local shape, collectives\nwith the bytes they move, fallbacks with reason and source line, "
-                    "repeated blocks folded into one\ngroup marked '× N'. The HTML page is self-contained (no "
-                    "network references) and adds the pipeline\nschedule timeline (pp > 1) and per-rank memory.",
+        description=_VIZ_DESCRIPTION,
         epilog="example:\n  autoshard viz autoshard.examples.gpt:make_model --mesh dp=2,tp=2 --input 'int64[8,64]' "
                "-o gpt.html\nexit codes: 0 written, 2 usage or plan error")
     _model_args(v)
@@ -256,9 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "check", help="which ops and parameters are sharded, and which ops fall back",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Shard MODEL on a virtual mesh and print its op coverage (per op: nodes run on shards, "
-                    "replicated, or\nfallen back), every parameter's placement and role, and the fallbacks with "
-                    "their reason and\nsource line.",
+        description=_CHECK_DESCRIPTION,
         epilog="example:\n  autoshard check autoshard.examples.gpt:make_model --mesh tp=4 --input 'int64[8,64]'\n"
                "exit codes: 0 no fallbacks, 1 some ops fell back to replicated execution, 2 usage or plan error")
     _model_args(c)

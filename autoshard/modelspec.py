@@ -197,7 +197,8 @@ def parse_input_specs(text: str) -> list[tuple[str | None, torch.dtype, tuple[in
     return out
 
 
-def make_inputs(text: str, model: torch.nn.Module | None = None, seed: int = 0) -> tuple[tuple, dict[str, torch.Tensor]]:
+def make_inputs(text: str, model: torch.nn.Module | None = None,
+                seed: int = 0) -> tuple[tuple, dict[str, torch.Tensor]]:
     """Example tensors for ``--input``: (positional inputs, keyword inputs).
 
     Integer inputs are ids in ``[0, vocab)`` (vocab from the model, see :func:`model_vocab`), else 0 or 1,

@@ -45,8 +45,9 @@ from autoshard.runtime.mesh import Mesh
 from autoshard.runtime.plan import Plan
 
 __all__ = [
-    "GraphView", "Lowered", "build_view", "lower", "memory_by_rank", "op_coverage", "op_name",
-    "render_dot", "render_html", "render_json", "render_svg", "schedule_data",
+    "FORMATS", "GraphView", "Lowered", "build_view", "collective_counts", "layout", "lower", "memory_by_rank",
+    "mesh_text", "op_coverage", "op_name", "render", "render_dot", "render_html", "render_json", "render_svg",
+    "schedule_data",
 ]
 
 FORMATS: tuple[str, ...] = ("html", "svg", "dot", "json")
@@ -440,7 +441,6 @@ def build_view(low: Lowered, collapse: bool = True) -> GraphView:
 
     rep_of: dict[Node, Node] = {}  # a node of a folded block → the node it is drawn as
     runs: dict[tuple[int, int], list[int]] = {}  # (stage, first block) → the blocks it stands for
-    hidden_blocks: set[tuple[int, int]] = set()
     if collapse:
         keys = sorted(by_block)
         i = 0
@@ -453,7 +453,6 @@ def build_view(low: Lowered, collapse: bool = True) -> GraphView:
                 j += 1
             runs[(s, b0)] = [k[1] for k in keys[i:j]]
             for k in keys[i + 1:j]:
-                hidden_blocks.add(k)
                 for a, r in zip(by_block[k], by_block[keys[i]]):
                     rep_of[a] = r
             i = j
@@ -592,12 +591,13 @@ def build_view(low: Lowered, collapse: bool = True) -> GraphView:
             g = groups[g].parent
     ordered = sorted((g for g in groups.values() if g.id in first or g.kind == "stage"),
                      key=lambda g: (g.kind != "stage", first.get(g.id, 0)))
-    title = f"{low.model_name} on {_mesh_text(plan.mesh)}"
+    title = f"{low.model_name} on {mesh_text(plan.mesh)}"
     sub = plan.summary()
     return GraphView(title, sub, vnodes, vedges, ordered, nstages, prefix, low)
 
 
-def _mesh_text(mesh: dict[str, int]) -> str:
+def mesh_text(mesh: dict[str, int]) -> str:
+    """``{'pp': 1, 'dp': 2, 'tp': 2}`` → ``dp=2, tp=2`` (dimensions of degree 1 left out)."""
     parts = [f"{k}={v}" for k, v in mesh.items() if v > 1]
     return ", ".join(parts) or "one device"
 
@@ -643,6 +643,7 @@ def layout(view: GraphView) -> Layout:
     dependency depth within the group, and is as big as its rows; pipeline stages sit side by side."""
     children: dict[str | None, list[tuple[str, str]]] = {}  # container → [("n"|"g", id)] in graph order
     gparent = {g.id: g.parent for g in view.groups}
+    kinds = {g.id: g.kind for g in view.groups}
     pos = {v.id: i for i, v in enumerate(view.nodes)}
     first: dict[str, int] = {}
     for v in view.nodes:
@@ -716,7 +717,7 @@ def layout(view: GraphView) -> Layout:
                 rel[it] = (x, y)
                 x += sizes[it][0] + gap
             y += h + (ROW_GAP if not side_by_side else 0)
-        right = 40 if is_group and view.groups and next(g for g in view.groups if g.id == container).kind == "stage" else 0
+        right = 40 if is_group and kinds[container] == "stage" else 0  # room for arcs leaving the column
         return inner_w + 2 * PAD + right, y + PAD
 
     total_w, total_h = measure(None)
@@ -1108,7 +1109,8 @@ def _memory_svg(mem: list[dict[str, Any]], total_bytes: float) -> str:
                f"<title>unsharded parameters: {fmt_bytes(total_bytes)}</title></rect>"
                f'<rect x="{left + total_bytes * scale:.1f}" y="{y:.1f}" width="{total_bytes * scale:.1f}" '
                f'height="{bar_h}" fill="#fde68a"><title>unsharded gradients</title></rect>'
-               f'<text x="{left + 2 * total_bytes * scale + 4:.1f}" y="{y + 14:.1f}">{fmt_bytes(2 * total_bytes)}</text>')
+               f'<text x="{left + 2 * total_bytes * scale + 4:.1f}" y="{y + 14:.1f}">'
+               f"{fmt_bytes(2 * total_bytes)}</text>")
     y += bar_h + 14
     x = 0.0
     for role, colour in [*_ROLE_COLOURS.items(), ("gradients", "#fcd34d")]:
@@ -1152,7 +1154,8 @@ def render_html(view: GraphView) -> str:
         row[0] += v.repeat
         row[1] += v.bytes * v.repeat
         row[2] += v.backward_bytes * v.repeat
-    coll_rows = [[op, dim, where, str(n), fmt_bytes(fb), fmt_bytes(bb)] for (op, dim, where), (n, fb, bb) in agg.items()]
+    coll_rows = [[op, dim, where, str(n), fmt_bytes(fb), fmt_bytes(bb)]
+                 for (op, dim, where), (n, fb, bb) in agg.items()]
     total_fwd = sum(r[1] for r in agg.values())
     coll_html = (_table(["collective", "dim", "module", "count", "forward", "backward"], coll_rows, {3, 4, 5})
                  + f'<p class="note">{"per microbatch" if view.stages > 1 else "per step"}: {fmt_bytes(total_fwd)} '
@@ -1169,10 +1172,11 @@ def render_html(view: GraphView) -> str:
     sched = schedule_data(low)
     if sched is not None:
         sim = sched["simulation"]
+        costs = "B = W = forward" if sched["split_backward"] else "backward = 2 × forward"
         sched_html = (f'<section class="card" id="schedule"><h2>Pipeline schedule: {escape(sched["name"])}</h2>'
                       f'<p class="note">pp={sched["pp"]}, {sched["virtual_stages"]} stage(s) per rank, '
                       f'{sched["microbatches"]} microbatches; bubble {sim["bubble_fraction"]:.1%}, makespan '
-                      f'{sim["makespan"]:.2f} (forward ∝ stage FLOPs, backward = 2 × forward); peak in-flight '
+                      f'{sim["makespan"]:.2f} (forward ∝ stage FLOPs, {costs}); peak in-flight '
                       f'microbatches per rank {sim["peak_inflight"]}</p>{_timeline_svg(sched)}'
                       '<p class="note"><span class="sw tl-F" style="background:#93c5fd;border-color:#1d4ed8"></span>'
                       ' F forward <span class="sw" style="background:#86efac;border-color:#15803d"></span> B backward '

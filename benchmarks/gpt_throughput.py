@@ -1,6 +1,6 @@
 """Throughput of the GPT example: autoshard plans next to PyTorch DDP, in one torchrun job.
 
-    torchrun --nproc-per-node 4 benchmarks/gpt_throughput.py [--d 1024 --layers 8 --seq 1024 --batch 8]
+    torchrun --nproc-per-node 4 benchmarks/gpt_throughput.py [--dim 1024 --layers 8 --seq 1024 --batch 8]
 
 Same model, data, fp32 weights with TF32 matmuls, AdamW, for every system. Warm-up steps, then the
 median of timed steps (CUDA-synchronised). Reports tokens/s/GPU, MFU (6N + 12·L·d·seq FLOPs per token
@@ -22,7 +22,7 @@ from autoshard.examples.gpt import GPT, GPTConfig, lm_loss
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--d", type=int, default=1024)
+    ap.add_argument("--dim", dest="d", type=int, default=1024)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--vocab", type=int, default=32000)

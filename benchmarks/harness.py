@@ -63,7 +63,7 @@ def llama_parser(description: str, batch: int, batch_help: str, iters: int):
     import argparse
 
     ap = argparse.ArgumentParser(description=description)
-    ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--dim", dest="d", type=int, default=2048)
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--ffn", type=int, default=5632)

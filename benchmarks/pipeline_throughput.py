@@ -1,6 +1,6 @@
 """Pipeline throughput on a Llama-style model: autoshard's schedules next to torch.distributed.pipelining.
 
-    torchrun --nproc-per-node 4 benchmarks/pipeline_throughput.py [--d 2048 --layers 16 --seq 2048]
+    torchrun --nproc-per-node 4 benchmarks/pipeline_throughput.py [--dim 2048 --layers 16 --seq 2048]
 
 Same model (examples/llama.py), global batch, microbatches, fp32 weights with TF32 matmuls and AdamW
 for every system. The peer is ``torch.distributed.pipelining`` with ``Schedule1F1B`` over manual

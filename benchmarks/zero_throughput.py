@@ -1,6 +1,6 @@
 """ZeRO + bf16 throughput on the Llama-style 953M model, next to DDP and FSDP2, in one torchrun job.
 
-    torchrun --nproc-per-node 4 benchmarks/zero_throughput.py [--d 2048 --layers 16 --seq 2048 --batch 4]
+    torchrun --nproc-per-node 4 benchmarks/zero_throughput.py [--dim 2048 --layers 16 --seq 2048 --batch 4]
 
 Same model (examples/llama.py), data, fused AdamW. Peers use bf16 autocast (DDP) or FSDP2's bf16
 MixedPrecisionPolicy (eager, and with each block torch.compile'd as torchtitan does); autoshard uses
