@@ -94,7 +94,7 @@ def all_r(node: Node, ctx: Context, out: Placement | tuple | None = None, why: s
         out = tuple(R for _ in v) if isinstance(v, (tuple, list)) else R
     fb = None
     if gathered:
-        fb = why or f"no sharding rule for {_opname(node)} with sharded inputs"
+        fb = why or f"no sharding rule for {op_name(node)} with sharded inputs"
     return Decision(out, {a: R for a in ins}, fallback=fb)
 
 
@@ -103,9 +103,10 @@ def replicate_rule(node: Node, ctx: Context) -> Decision:
     return all_r(node, ctx)
 
 
-def _opname(node: Node) -> str:
+def op_name(node: Node) -> str:
+    """A short name for the node's target (``layer_norm.default``, ``getitem``, a module path)."""
     t = node.target
-    return getattr(t, "__name__", None) or str(t)
+    return t if isinstance(t, str) else str(getattr(t, "__name__", t))
 
 
 # --------------------------------------------------------------------------- pointwise
@@ -393,7 +394,7 @@ def reduction_rule(node: Node, ctx: Context) -> Decision:
         return all_r(node, ctx)
     dims, keep = _reduced_dims(node, len(shape(x)))
     if s.dim in dims:
-        return all_r(node, ctx, why=f"{_opname(node)} reduces over the sharded dim {s.dim}")
+        return all_r(node, ctx, why=f"{op_name(node)} reduces over the sharded dim {s.dim}")
     od = s.dim if keep else s.dim - sum(1 for d in dims if d < s.dim)
     out = Shard(od)
     req = {a: R for a in ins}

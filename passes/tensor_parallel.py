@@ -40,9 +40,9 @@ from torch.fx import GraphModule, Node
 from autoshard.runtime import collectives as C
 from autoshard.runtime import tp_ops
 from autoshard.runtime.errors import PlanError
-from autoshard.runtime.plan import ParamPlan, placement_str
+from autoshard.runtime.plan import ParamPlan, parse_placement, placement_str
 
-from .sharding_rules import Context, Decision, P, R, is_tensor, replicate_rule, rule_for, shape, tensor_inputs
+from .sharding_rules import Context, Decision, P, R, is_tensor, op_name, replicate_rule, rule_for, shape, tensor_inputs
 
 aten = torch.ops.aten
 
@@ -264,7 +264,7 @@ class _Propagator:
             if node.op == "get_attr":
                 name = self.params.get(node)
                 if name is not None and name in self.layouts:
-                    ctx.spec[node] = _parse(self.layouts[name].placement)
+                    ctx.spec[node] = parse_placement(self.layouts[name].placement)
                 else:
                     ctx.spec[node] = R  # decided at first use (see _param_matmul / _embedding)
                 self.needs_grad[node] = name is not None
@@ -289,7 +289,7 @@ class _Propagator:
             # parameters decided just now: their get_attr spec becomes the layout's placement
             for a in list(d.req):
                 if a in self.params and self.params[a] in self.layouts:
-                    ctx.spec[a] = _parse(self.layouts[self.params[a]].placement)
+                    ctx.spec[a] = parse_placement(self.layouts[self.params[a]].placement)
             self._account(node, d)
             ctx.spec[node] = d.out
             self.decisions[node] = d
@@ -321,22 +321,9 @@ class _Propagator:
             self.gathered |= self.origin.get(x, frozenset())
         if d.fallback and not at_output:
             self.fallbacks.append({
-                "node": node.name, "op": _opname(node), "reason": d.fallback,
+                "node": node.name, "op": op_name(node), "reason": d.fallback,
                 "source": source_line(node), "module": module_path(node),
             })
-
-
-def _opname(node: Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return t
-    return str(getattr(t, "__name__", t))
-
-
-def _parse(text: str) -> Placement:
-    from autoshard.runtime.plan import parse_placement
-
-    return parse_placement(text)
 
 
 # =============================================================================== planning
@@ -360,7 +347,7 @@ def plan_tensor_parallel(gm: GraphModule, tp: int, layouts: dict[str, ParamPlan]
         revert = {
             n for n in result.gathered_origins
             if result.layouts.get(n) and result.layouts[n].role == "column"
-            and result.layouts[n].shape[_parse(result.layouts[n].placement).dim] not in vocab
+            and result.layouts[n].shape[parse_placement(result.layouts[n].placement).dim] not in vocab
         }
         revert -= forced
         if not revert:
