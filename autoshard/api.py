@@ -163,6 +163,13 @@ def _microbatches(tree: Any, batch: int, m: int) -> list[Any]:
     return [cut(i) for i in range(m)]
 
 
+_aten = torch.ops.aten
+_VIEW_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.transpose.int,
+             _aten.permute.default, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
+             _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int, _aten.alias.default,
+             _aten.detach.default, _aten.split.Tensor, _aten.split_with_sizes.default}
+
+
 class ShardedModule(torch.nn.Module):
     """One rank's share of a model sharded by autoshard. Train with :meth:`train_step`."""
 
@@ -295,6 +302,7 @@ class ShardedModule(torch.nn.Module):
         else:
             self._sync = GradientSync(self._params, my_buckets, self._dp_key, mesh.size("dp"), expected=expected)
         memory = self._memory_estimate(layouts, split)
+        memory["activations"] = self._activation_estimate(program, full_gm)
 
         self.plan = Plan(
             mesh=mesh.to_dict(),
@@ -321,6 +329,29 @@ class ShardedModule(torch.nn.Module):
 
     def _trainable(self, name: str) -> bool:
         return self._model[0].get_parameter(name).requires_grad
+
+    def _activation_estimate(self, program, full_gm: GraphModule) -> int:
+        """Bytes of forward results eager autograd may keep for backward, per rank, per step.
+
+        An upper estimate: every non-view floating result of the rank's graph (local shapes), times
+        the microbatches whose activations a pipeline rank holds at once (from the simulator).
+        """
+        graphs = list(program.runner.stages.values()) if isinstance(program, _Piped) else [full_gm]
+        total = 0
+        for g in graphs:
+            for node in g.graph.nodes:
+                val = node.meta.get("val")
+                if node.op != "call_function" or node.target in _VIEW_OPS or node.target is C.reduce_grad \
+                        or not isinstance(val, torch.Tensor):
+                    continue
+                if not val.is_floating_point():
+                    continue
+                placement = (node.meta.get("autoshard") or {}).get("placement", "R")
+                numel = val.numel() // (self._tp if isinstance(placement, str) and placement.startswith("S") else 1)
+                total += numel * val.element_size()
+        if isinstance(program, _Piped):
+            total *= self.schedule.simulate().peak_inflight[self.mesh.coord("pp")]
+        return int(total)
 
     def _memory_estimate(self, layouts, split) -> dict[str, int]:
         """Predicted model-state bytes on this rank, term by term (ZeRO paper's K=12 for Adam)."""

@@ -176,3 +176,20 @@ def test_bad_memory_options(bad, match):
     with pytest.raises(autoshard.PlanError, match=match):
         autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
                             optimizer=make_optimizer("sgd"), **bad)
+
+
+def _activations(mesh, batch_size: int, **options) -> int:
+    inp, _, loss_fn = inputs("gpt", batch(0)[:batch_size])
+    sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp, loss_fn=loss_fn,
+                             optimizer=make_optimizer("sgd"), **options)
+    return sm.plan.memory["activations"]
+
+
+def test_activation_estimate_scales_with_batch_and_inflight_microbatches():
+    one, two = _activations(autoshard.Mesh(), 4), _activations(autoshard.Mesh(), 8)
+    assert abs(two / one - 2) < 0.01  # every activation has the batch dim here
+    # 1F1B, pp=2, m=4: stage 0 holds 2 microbatches, stage 1 holds 1 (simulator's peak in flight)
+    first = _activations(autoshard.Mesh.virtual(pp=2, rank=0), 8, microbatches=4)
+    last = _activations(autoshard.Mesh.virtual(pp=2, rank=1), 8, microbatches=4)
+    assert first > last > 0
+    assert first < two  # a stage holds part of the model's activations
