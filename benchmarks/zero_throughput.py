@@ -87,9 +87,14 @@ def main() -> None:
         sm = autoshard.autoshard(base, mesh, example_inputs=(x,), loss_fn=lm_loss,
                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
                                  zero=zero, precision="bf16")
+        t = timed(lambda: sm.train_step((x,), x), 2, a.iters)
         if rank == 0:
-            print(sm.plan.summary(), {k: f"{v / 2**30:.2f} GiB" for k, v in sm.plan.memory.items()}, flush=True)
-        return timed(lambda: sm.train_step((x,), x), 2, a.iters)
+            mem = sm.plan.memory
+            predicted = mem["params"] + mem["grads"] + mem["optimizer"] + mem["buffers"] + mem["activations"]
+            print(sm.plan.summary(), {k: f"{v / 2**30:.2f} GiB" for k, v in mem.items()},
+                  f"predicted peak {predicted / 2**30:.2f} GiB, measured {torch.cuda.max_memory_allocated() / 2**30:.2f}",
+                  flush=True)
+        return t
 
     systems = {
         "ddp": (f"DDP x{world} (bf16 autocast)", run_ddp),
