@@ -19,6 +19,7 @@ from autoshard.runtime import (
 )
 
 from .api import ShardedModule, autoshard
+from .backend import backend, set_mesh
 from .launch import launch
 
 
@@ -33,5 +34,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
-    "PlanMismatchError", "ShardedModule", "autoshard", "launch", "load",
+    "PlanMismatchError", "ShardedModule", "autoshard", "backend", "launch", "load", "set_mesh",
 ]
