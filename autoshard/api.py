@@ -590,6 +590,14 @@ class ShardedModule(torch.nn.Module):
         dist.broadcast(g, src=last, group=self.mesh.group("pp").group)
         return g.reshape(())
 
+    def close(self) -> None:
+        """Remove the gradient hooks on this module's parameters.
+
+        The hooks and the gradient synchroniser refer to each other, so without ``close()`` a
+        discarded module's memory returns only when Python's cycle collector runs.
+        """
+        self._sync.remove()
+
     # ------------------------------------------------------------------ state
     def local_parameters(self) -> dict[str, torch.nn.Parameter]:
         """This rank's parameter shards by the model's parameter names."""

@@ -94,6 +94,7 @@ def main() -> None:
             print(sm.plan.summary(), {k: f"{v / 2**30:.2f} GiB" for k, v in mem.items()},
                   f"predicted peak {predicted / 2**30:.2f} GiB, measured {torch.cuda.max_memory_allocated() / 2**30:.2f}",
                   flush=True)
+        sm.close()  # free it now, so the next system's peak memory starts clean
         return t
 
     systems = {

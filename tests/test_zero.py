@@ -193,3 +193,20 @@ def test_activation_estimate_scales_with_batch_and_inflight_microbatches():
     last = _activations(autoshard.Mesh.virtual(pp=2, rank=1), 8, microbatches=4)
     assert first > last > 0
     assert first < two  # a stage holds part of the model's activations
+
+
+def test_close_frees_the_module_without_the_cycle_collector():
+    import gc
+    import weakref
+
+    inp, _, loss_fn = inputs("gpt", batch(0)[:4])
+    sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
+                             optimizer=make_optimizer("adamw"), zero=1)
+    ref = weakref.ref(sm._sync)
+    gc.disable()
+    try:
+        sm.close()
+        del sm
+        assert ref() is None  # freed by reference counting alone
+    finally:
+        gc.enable()
