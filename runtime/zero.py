@@ -26,7 +26,7 @@ overflow, and an error when the scale would fall below the minimum.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -89,7 +89,6 @@ class _Bucket:
     flat: torch.Tensor  # compute dtype, on device: the parameters are views into it
     master: torch.nn.Parameter  # fp32 slice this rank owns (device or CPU)
     grad_weight: torch.Tensor | None = None  # per-element weight for the global norm (1/replication)
-    extra: dict = field(default_factory=dict)
 
     @property
     def shard(self) -> int:
@@ -186,14 +185,15 @@ class ZeroOptimizer(GradientSync):
         if self.scaler is not None:
             for g in grads:
                 g.div_(self.scaler.scale)
-        sq = torch.zeros(2, dtype=torch.float64)
+        # accumulate where the gradients live; one copy to the host per step, not two per bucket
+        sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device if grads else self.device)
         for b, g in zip(self.zbuckets, grads):
-            sq[0] += float((g.double() ** 2 * b.grad_weight.double()).sum())
-            sq[1] += float((~torch.isfinite(g)).sum())
+            sq[0] += (g.double() ** 2 * b.grad_weight.double()).sum()
+            sq[1] += (~torch.isfinite(g)).sum()
         if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
-            t = sq.to(self.device)
-            dist.all_reduce(t)
-            sq = t.cpu()
+            sq = sq.to(self.device)
+            dist.all_reduce(sq)
+        sq = sq.cpu()
         overflow = bool(sq[1] > 0)
         self.last_grad_norm = math.sqrt(float(sq[0])) if not overflow else float("inf")
         if self.scaler is not None:
