@@ -20,14 +20,18 @@ from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from autoshard.passes.capture import capture
-from autoshard.passes.data_parallel import gradient_order
+from autoshard.passes.data_parallel import block_buckets, block_of_params, gradient_order, insert_param_gathers
+from autoshard.passes.expert_parallel import apply_expert_parallel, find_moe_layers, plan_expert_parallel
+from autoshard.passes.memory import saved_activation_bytes
 from autoshard.passes.pipeline_split import split_stages
 from autoshard.passes.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 from autoshard.runtime import collectives as C
+from autoshard.runtime import moe as moe_runtime
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
 from autoshard.runtime.errors import PlanError, PlanMismatchError
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
 from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
+from autoshard.runtime.moe import ExpertGradientSync
 from autoshard.runtime.pipeline import PipelineRunner
 from autoshard.runtime.plan import Plan, parse_placement
 from autoshard.runtime.schedules import Schedule, build_schedule
@@ -52,12 +56,16 @@ def autoshard(
     offload: str | None = None,
     precision: str = "fp32",
     grad_clip: float | None = None,
+    prefetch: int = 1,
+    capacity_factor: float | None = None,
+    fuse: bool | None = None,
 ) -> ShardedModule:
     """Shard ``model`` over ``mesh`` and return a module that trains it.
 
     Args:
         model: an unmodified ``nn.Module`` (its parameters are copied, never changed).
-        mesh: where to run; ``Mesh(dp=.., tp=..)``.
+        mesh: where to run; ``Mesh(dp=.., tp=..)``, or ``Mesh.auto()`` to let the planner choose the degrees and
+            the options left at their defaults (``example_inputs`` is then the *global* batch; see autoshard/auto.py).
         example_inputs: one *local* batch, a tuple of positional inputs or a dict of keyword inputs.
         loss_fn: ``loss_fn(output, target) -> scalar``; ``None`` if the model returns the loss
             (a scalar tensor, or an output with ``.loss`` such as Hugging Face models given labels).
@@ -70,18 +78,31 @@ def autoshard(
         virtual_stages: stages per pipeline rank (``interleaved_1f1b``).
         split_points: module names where stages start (e.g. ``["model.layers.8"]``); default:
             balanced cuts between repeated blocks.
-        zero: ZeRO stage over the data-parallel ranks: 0, 1 (optimizer states partitioned) or 2
-            (and gradients). Needs an elementwise optimizer (SGD, Adam, AdamW, ...).
+        zero: ZeRO stage over the data-parallel ranks: 0, 1 (optimizer states partitioned), 2 (and
+            gradients) or 3 (and parameters: each block is gathered just before use and freed after).
+            Needs an elementwise optimizer (SGD, Adam, AdamW, ...).
         offload: ``"optimizer"`` keeps fp32 master weights and optimizer states in CPU memory and
-            steps there.
+            steps there; ``"params"`` (zero=3) also keeps this rank's parameter slices there.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` compute copies; fp32 master weights either way,
             fp16 with DeepSpeed-style dynamic loss scaling.
         grad_clip: clip gradients to this global norm (over every shard on every rank).
+        prefetch: with zero=3, how many buckets ahead to start gathering (forward and backward).
+        capacity_factor: mixture-of-experts layers: ``None`` routes every token (dropless); a float caps
+            each expert at ``ceil(capacity_factor · routed rows / E)`` rows per rank, GShard-style, and
+            counts the rows dropped (``stats()["dropped_tokens"]``).
+        fuse: replace regions of the rewritten graph by fused Triton kernels (generated pointwise
+            chains; RMSNorm/LayerNorm with the residual add, softmax, SwiGLU, rotary, cross-entropy).
+            ``None``: on for CUDA meshes, off on CPU. ``plan.fusions`` lists what was fused and why not.
     """
+    if getattr(mesh, "is_auto", False):  # Mesh.auto(): the planner chooses degrees and options (autoshard/auto.py)
+        from .auto import plan_and_build
+
+        return plan_and_build(autoshard, model, mesh, example_inputs, dict(locals()))
     return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
                          schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
                          split_points=split_points, zero=zero, offload=offload, precision=precision,
-                         grad_clip=grad_clip)
+                         grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
+                         fuse=fuse)
 
 
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:
@@ -176,22 +197,27 @@ class ShardedModule(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs, *, loss_fn=None,
                  optimizer=None, bucket_mb: float = 25.0, schedule: str = "1f1b", microbatches: int | None = None,
                  virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
-                 offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None) -> None:
+                 offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None,
+                 prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None) -> None:
         super().__init__()
         if zero not in (0, 1, 2, 3):
             raise PlanError(f"zero={zero!r}: choose 0 (none), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)")
-        if zero == 3:
-            raise PlanError("zero=3 (partitioned parameters) is not available yet; use zero=2 (optimizer states and "
-                            "gradients partitioned), tensor parallelism (tp) or pipeline stages (pp) to cut parameter memory")
         if precision not in DTYPES:
             raise PlanError(f"precision={precision!r}: choose one of {', '.join(DTYPES)}")
-        if offload not in (None, "optimizer"):
-            raise PlanError(f"offload={offload!r}: choose None or 'optimizer' ('params' needs zero=3, not available yet)")
+        if offload not in (None, "optimizer", "params"):
+            raise PlanError(f"offload={offload!r}: choose None, 'optimizer' or 'params'")
+        if offload == "params" and zero != 3:
+            raise PlanError("offload='params' keeps each rank's parameter slices in CPU memory, which needs "
+                            "partitioned parameters: use zero=3 (or offload='optimizer')")
+        if not isinstance(prefetch, int) or prefetch < 0:
+            raise PlanError(f"prefetch={prefetch!r} must be a non-negative integer (buckets gathered ahead)")
         if grad_clip is not None and not grad_clip > 0:
             raise PlanError(f"grad_clip={grad_clip!r} must be a positive number (the maximum global gradient norm)")
         self._zero_stage, self._precision, self._offload, self._grad_clip = zero, precision, offload, grad_clip
+        self._prefetch = prefetch
         self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
         self._zero: ZeroOptimizer | None = None
+        self._gathers: list[dict] = []
         self.mesh = mesh
         self._model = [model]  # not registered: autoshard works on its own copies
         self.loss_fn = loss_fn
@@ -208,6 +234,9 @@ class ShardedModule(torch.nn.Module):
         if not mesh.virtual:
             for d in DIM_ORDER:
                 C.register_group(mesh.group(d))
+        self._setup_experts(model, capacity_factor)  # [experts] MoE layers; with ep > 1, _dp_key becomes dp × ep
+        self._fuse = mesh.device.type == "cuda" if fuse is None else bool(fuse)  # [kernels]
+        self._fusions: dict = {}  # [kernels] the fusion report of the first program, for the plan
 
         args, kwargs = _as_call(example_inputs)
         self.schedule: Schedule | None = None
@@ -225,7 +254,7 @@ class ShardedModule(torch.nn.Module):
         elif (microbatches or 1) != 1 or virtual_stages != 1 or split_points:
             raise PlanError("microbatches, virtual_stages and split_points need a pipeline: use Mesh(pp=...) > 1")
         self._capture_dtype = None if precision == "fp32" else DTYPES[precision]
-        gm = capture(model, args, kwargs, training=True, param_dtype=self._capture_dtype)
+        gm = self._capture(model, args, kwargs, training=True)
         if loss_fn is None:
             _check_output_is_loss(gm)
         self._tp_plan = plan_tensor_parallel(gm, self._tp)
@@ -248,15 +277,18 @@ class ShardedModule(torch.nn.Module):
         full_bytes = {n: math.prod(lay.local_shape) * 4 for n, lay in layouts.items()}
         bucket_bytes = int(bucket_mb * 2**20)
         tied_names = set(split.shared_params) if split is not None else set()
+        block = block_of_params(full_gm, list(layouts)) if zero == 3 else {}
 
         def pack(names: set[str]) -> list[list[str]]:
             # parameters shared between pipeline stages go last, in their own bucket: their gradients are
             # summed across stages after the pipeline finishes, before they are reduced over dp
             plain = [n for n in order if n in names and n not in tied_names and self._trainable(n)]
             tied = [n for n in order if n in names and n in tied_names and self._trainable(n)]
+            if zero == 3:  # gathered as units: one bucket per repeated block
+                return block_buckets(plain, block, full_bytes, bucket_bytes) + ([tied] if tied else [])
             return make_buckets(plain, full_bytes, bucket_bytes) + ([tied] if tied else [])
 
-        if mesh.size("dp") == 1 and not self._use_zero:
+        if mesh.data_size == 1 and not self._use_zero:
             buckets, my_buckets = [], []
         elif split is None:
             buckets = my_buckets = pack(set(layouts))
@@ -294,11 +326,15 @@ class ShardedModule(torch.nn.Module):
                     w /= len({self.schedule.rank_of(s) for s in split.shared_params[n]})
                 weight[n] = w
             self._zero = ZeroOptimizer(
-                self._params, {n: p.detach().clone() for n, p in self._params.items()}, my_buckets,
+                self._params, {n: p.detach() for n, p in self._params.items()}, my_buckets,
                 group=self._dp_key, size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision=precision,
                 optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
-                expected=expected, norm_weight=weight, global_norm=not mesh.virtual)
+                expected=expected, norm_weight=weight, global_norm=not mesh.virtual, prefetch=prefetch)
             self._sync = self._zero
+            self._gathers = self._zero3_rewrite(program)
+        elif self._ep_key is not None:  # [experts] dense gradients over dp × ep, experts' over dp
+            self._sync = ExpertGradientSync(self._params, my_buckets, self._ep_plan.is_expert, self._dp_key,
+                                            self._keys["dp"], mesh.data_size, expected=expected)
         else:
             self._sync = GradientSync(self._params, my_buckets, self._dp_key, mesh.size("dp"), expected=expected)
         memory = self._memory_estimate(layouts, split)
@@ -312,9 +348,12 @@ class ShardedModule(torch.nn.Module):
             fallbacks=self._tp_plan.fallbacks,
             dp_buckets=buckets,
             pipeline=pipeline,
-            notes=list(self._tp_plan.notes),
-            zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip},
+            notes=list(self._tp_plan.notes) + self._expert_notes(),
+            experts=self._ep_plan.to_dict() if self._moe else {},
+            zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip,
+                  **({"prefetch": prefetch, "gathered_buckets": len(self._gathers)} if zero == 3 else {})},
             memory=memory,
+            fusions=self._fusions,
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
                 "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
@@ -327,34 +366,54 @@ class ShardedModule(torch.nn.Module):
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
 
+    def _zero3_rewrite(self, program) -> list[dict]:
+        """ZeRO-3: put parameter gathers, releases and backward re-gathers into ``program``'s graphs."""
+        if self._zero is None or self._zero_stage != 3:
+            return []
+        graphs = list(program.runner.stages.values()) if isinstance(program, _Piped) else [program]
+        aliases = {n: list(lay.aliases) for n, lay in self._tp_plan.layouts.items()}
+        names = [b.names for b in self._zero.zbuckets]
+        return [r for g in graphs for r in insert_param_gathers(g, names, aliases, self._zero.key, self._prefetch)]
+
     def _trainable(self, name: str) -> bool:
         return self._model[0].get_parameter(name).requires_grad
 
     def _activation_estimate(self, program, full_gm: GraphModule) -> int:
-        """Bytes of forward results eager autograd may keep for backward, per rank, per step.
+        """Bytes of activations autograd keeps for backward on this rank, per step (passes/memory.py).
 
-        An upper estimate: every non-view floating result of the rank's graph (local shapes), times
-        the microbatches whose activations a pipeline rank holds at once (from the simulator).
+        What the graph saves, its floating outputs, and — when ``loss_fn`` runs outside the graph —
+        an fp32 copy of the largest output and its gradient (a cross-entropy over logits upcasts
+        them). A pipeline rank holds the activations of as many microbatches as the schedule keeps
+        in flight (from the simulator).
         """
         graphs = list(program.runner.stages.values()) if isinstance(program, _Piped) else [full_gm]
+        params = set(self._tp_plan.layouts)
         total = 0
         for g in graphs:
-            for node in g.graph.nodes:
-                val = node.meta.get("val")
-                if node.op != "call_function" or node.target in _VIEW_OPS or node.target is C.reduce_grad \
-                        or not isinstance(val, torch.Tensor):
-                    continue
-                if not val.is_floating_point():
-                    continue
-                placement = (node.meta.get("autoshard") or {}).get("placement", "R")
-                numel = val.numel() // (self._tp if isinstance(placement, str) and placement.startswith("S") else 1)
-                total += numel * val.element_size()
+            r = saved_activation_bytes(g, params, self._tp)
+            total += r["saved"] + r["outputs"]
+            if self.loss_fn is not None and r["outputs"]:
+                out = next(n for n in g.graph.nodes if n.op == "output")
+                vals = [a.meta.get("val") for a in out.all_input_nodes]
+                biggest = max((v.numel() for v in vals if isinstance(v, torch.Tensor) and v.is_floating_point()),
+                              default=0)
+                total += 2 * 4 * biggest
         if isinstance(program, _Piped):
             total *= self.schedule.simulate().peak_inflight[self.mesh.coord("pp")]
         return int(total)
 
     def _memory_estimate(self, layouts, split) -> dict[str, int]:
-        """Predicted model-state bytes on this rank, term by term (ZeRO paper's K=12 for Adam)."""
+        """Predicted bytes on this rank, term by term.
+
+        ``params``: compute copies held between steps (cΨ; none at stage 3, which casts the fp32
+        master at each gather). ``grads``: the fp32 gradient slices the masters hold from the
+        reduction to the step (4Ψ / N_d from stage 1 on; the paper's 2Ψ assumes fp16 gradients, this
+        runtime reduces in fp32); without the ZeRO path, gradients in the parameters' dtype.
+        ``optimizer``: fp32 masters and Adam's two moments (12Ψ / N_d; 8Ψ without the ZeRO path,
+        whose parameters are the masters). ``reduce_buffers``: fp32 bucket copies being reduced at
+        once. Stage 3 adds ``params_gathered``: the buckets gathered at once. Ψ = this rank's
+        parameter elements (its tensor-parallel shards and pipeline stages).
+        """
         if split is None:
             names = list(layouts)
         else:
@@ -364,14 +423,38 @@ class ShardedModule(torch.nn.Module):
         dp = self.mesh.size("dp")
         c = 4 if self._precision == "fp32" else 2
         stage = self._zero_stage
-        opt = (4 + 8) * psi if self._use_zero else 8 * psi  # fp32 master (ZeRO path) + Adam's two moments
-        return {
-            "params": c * psi,
-            "grads": c * psi // (dp if stage >= 2 else 1),
-            "optimizer": opt // (dp if stage >= 1 else 1),
-            "optimizer_on_cpu": int(self._offload == "optimizer"),
-            "buffers": sum(b.numel() * b.element_size() for b in self._buffers_local.values()),
-        }
+        z = self._zero
+        parts = dp if stage >= 1 else 1
+        if z is not None:
+            bucket_elems = sorted((b.padded for b in z.zbuckets), reverse=True)
+            out = {
+                "params": 0 if stage >= 3 else c * psi,
+                "grads": 4 * psi // parts,
+                "optimizer": 12 * psi // parts,
+                "reduce_buffers": 4 * sum(bucket_elems[:z.max_inflight]),
+            }
+        else:
+            bucket_elems = sorted((sum(math.prod(layouts[n].local_shape) for n in b) for b in self._sync.buckets),
+                                  reverse=True)
+            out = {"params": c * psi, "grads": c * psi, "optimizer": 8 * psi,
+                   "reduce_buffers": c * sum(bucket_elems[:self._sync.max_inflight])}
+        out["optimizer_on_cpu"] = int(self._offload in ("optimizer", "params"))
+        out["buffers"] = sum(b.numel() * b.element_size() for b in self._buffers_local.values())
+        if stage >= 3:
+            # gathered at once: the bucket in use, the `prefetch` ones behind it and the one kept for
+            # backward; ZeRO-3 buckets are blocks, so this is a few blocks' compute copies
+            out["params_gathered"] = c * sum(bucket_elems[:2 + self._prefetch])
+            out["params_on_cpu"] = c * psi // dp if self._offload == "params" else 0
+        return out
+
+    def predicted_peak_bytes(self) -> dict[str, int]:
+        """Predicted peak memory of this rank: ``device`` (what the accelerator holds) and ``host``
+        (offloaded optimizer states and parameter slices), from ``plan.memory``'s terms."""
+        m = self.plan.memory
+        host_terms = ("grads", "optimizer") if m.get("optimizer_on_cpu") else ()
+        device = sum(v for k, v in m.items() if k not in host_terms and k not in ("optimizer_on_cpu", "params_on_cpu"))
+        host = sum(m[k] for k in host_terms) + m.get("params_on_cpu", 0)
+        return {"device": int(device), "host": int(host)}
 
     # ------------------------------------------------------------------ lowering
     def _local_param(self, name: str) -> torch.nn.Parameter:
@@ -382,8 +465,12 @@ class ShardedModule(torch.nn.Module):
             lay = self._tp_plan.layouts[name]
             pl = parse_placement(lay.placement)
             full = src.detach()
+            if self._ep_key is not None:  # [experts] this ep rank's experts only
+                full = self._ep_plan.local(name, full, self.mesh.coord("ep"))
             local = shard_tensor(full, pl.dim, self._tp, self.mesh.coord("tp"), lay.blocks) if pl.is_shard() else full
-            p = torch.nn.Parameter(local.to(self.mesh.device).clone(), requires_grad=src.requires_grad)
+            # ZeRO-3 partitions it right away: never hold the whole parameter on the device
+            where = "cpu" if self._zero_stage == 3 and src.requires_grad else self.mesh.device
+            p = torch.nn.Parameter(local.to(where).clone(), requires_grad=src.requires_grad)
             self._params[name] = p
         return p
 
@@ -415,6 +502,11 @@ class ShardedModule(torch.nn.Module):
         plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
         gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
         _retarget_device(gm, self.mesh.device)
+        if self._fuse:  # [kernels] fused Triton kernels (torch references on CPU), before binding and stage cuts
+            from autoshard.passes.fusion import fuse_graph
+
+            gm, report = fuse_graph(gm)
+            self._fusions = self._fusions or report
         if self._pp == 1:
             self._bind(gm, list(self._tp_plan.layouts))
             return gm, gm, collectives, None
@@ -476,8 +568,9 @@ class ShardedModule(torch.nn.Module):
         prog = self._programs.get(key)
         if prog is None:
             cpu_args = tree_map(lambda x: x.to("cpu") if isinstance(x, torch.Tensor) else x, (args, kwargs))
-            gm = capture(self._model[0], cpu_args[0], cpu_args[1], training=training, param_dtype=self._capture_dtype)
+            gm = self._capture(self._model[0], cpu_args[0], cpu_args[1], training=training)
             prog = self._lower(gm)[0]
+            self._zero3_rewrite(prog)
             self._programs[key] = prog
         return prog
 
@@ -496,6 +589,12 @@ class ShardedModule(torch.nn.Module):
             flat = prog.runner.forward(prog.flat(args, kwargs))
             return None if flat is None else tree_unflatten(list(flat), prog.out_spec)
         return prog(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> ShardedModule:
+        """Set training or eval mode. Each mode runs its own captured program (dropout, batch-norm
+        statistics), so the captured graphs themselves are not switched."""
+        self.training = bool(mode)
+        return self
 
     def _loss(self, out, target) -> torch.Tensor:
         if self.loss_fn is not None:
@@ -523,6 +622,7 @@ class ShardedModule(torch.nn.Module):
             self._check_same_inputs_across_tp((args, kwargs, target))
             self._checked_inputs = True
         C.reset_bytes(f"mesh{self.mesh.id}.")
+        moe_runtime.reset_stats(self._moe_ns)
         scale = self._zero.loss_scale() if self._zero is not None else 1.0
         if self._pp > 1:
             g = self._pipeline_step(args, kwargs, target, scale)
@@ -536,13 +636,17 @@ class ShardedModule(torch.nn.Module):
             (loss * scale if scale != 1.0 else loss).backward()
             self._sync.finish()
             g = loss.detach().clone().float()
-        if self.mesh.size("dp") > 1:
-            g.div_(self.mesh.size("dp"))
+        if self.mesh.data_size > 1:
+            g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
         value = float(g)
+        self._collect_expert_stats()  # [experts]
         sent = C.bytes_sent(f"mesh{self.mesh.id}.")
         self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),
                            "pp": sum(v for k, v in sent.items() if k == self._keys["pp"] or ".tied." in k)}
+        if self._ep_key is not None:  # [experts] dp carries the experts' gradients, ep the tokens
+            self._last_comm["dp"] += sent.get(self._keys["dp"], 0.0)
+            self._last_comm["ep"] = sent.get(self._keys["ep"], 0.0)
         if not math.isfinite(value):
             self._skipped += 1
             if self._zero is not None and self._zero.scaler is not None:
@@ -625,6 +729,8 @@ class ShardedModule(torch.nn.Module):
                     t = unshard_tensor(pieces, pl.dim, lay.blocks)
                 else:
                     t = p.detach().clone()
+                if self._ep_key is not None and self._ep_plan.is_expert(n):  # [experts] from their ep ranks
+                    t = self._gather_experts(n, t, lay.shape)
             if self._pp > 1:
                 owner = min(s["stage"] for s in self.plan.pipeline["stages"] if self._owns(s["stage"], n))
                 src = self.mesh.rank_of(pp=self.schedule.rank_of(owner))
@@ -646,6 +752,7 @@ class ShardedModule(torch.nn.Module):
         """Write a sharded, atomic checkpoint of model, optimizer, loss scaler, RNG and step (collective)."""
         from autoshard.runtime.checkpoint import save
 
+        self._no_expert_checkpoints()
         save(self, path)
 
     # ------------------------------------------------------------------ checkpoint state
@@ -686,6 +793,7 @@ class ShardedModule(torch.nn.Module):
     @torch.no_grad()
     def load_local_training_state(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`local_training_state` (this rank's tp shards, whole over dp)."""
+        self._no_expert_checkpoints()
         missing = [n for n in self._params if n not in state["params"]]
         if missing:
             raise KeyError(f"the state has no values for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -735,6 +843,7 @@ class ShardedModule(torch.nn.Module):
             "skipped_steps": self._skipped,
             "programs": len(self._programs),
             "fallbacks": len(self.plan.fallbacks),
+            **self._expert_stats,
         }
 
     # ------------------------------------------------------------------ safety
@@ -765,6 +874,94 @@ class ShardedModule(torch.nn.Module):
                 "ranks that differ only in tp were given different batches: each must load the slice "
                 f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
             )
+
+    # ------------------------------------------------------------------ experts [experts]
+    def _setup_experts(self, model: torch.nn.Module, capacity_factor: float | None) -> None:
+        """Find the model's mixture-of-experts layers and check ``ep`` and the options against them.
+
+        With ``ep > 1`` the batch is cut into ``dp × ep`` slices, so the loss and the dense gradients
+        are averaged over that group (``_dp_key``) and the experts' gradients over ``dp``.
+        """
+        mesh, ep = self.mesh, self.mesh.size("ep")
+        self._moe_ns = f"mesh{mesh.id}.{moe_runtime.new_namespace()}"
+        self._moe = find_moe_layers(model, self._moe_ns)
+        self._ep_plan = plan_expert_parallel(self._moe, ep, capacity_factor)
+        self._ep_key = self._keys["ep"] if ep > 1 else None
+        self._expert_counts: dict[str, Any] = {}
+        if ep > 1:
+            if self._use_zero:
+                raise PlanError(f"ep={ep} cannot be combined yet with zero, precision, offload or grad_clip (the ZeRO "
+                                "buckets would mix expert and dense gradients, which are averaged over different "
+                                "ranks); use them with ep=1, or ep without them")
+            data = mesh.data_group()
+            self._dp_key = data.name
+            if not mesh.virtual:
+                C.register_group(data)
+
+    def _capture(self, model: torch.nn.Module, args: tuple, kwargs: dict, training: bool) -> GraphModule:
+        """Capture, each MoE layer as one op, then the expert-parallel pass over the ep group."""
+        gm = capture(model, args, kwargs, training=training, param_dtype=self._capture_dtype, moe=self._moe)
+        if not self._moe:
+            return gm
+        if self._ep_key is not None:
+            for layer in self._moe.values():
+                if layer.unrecognised:
+                    raise PlanError(f"{layer.name} {layer.unrecognised}: its experts cannot be placed over "
+                                    f"ep={self.mesh.size('ep')}; use ep=1 (dp) for this model")
+        return apply_expert_parallel(gm, self._ep_plan, self._ep_key)
+
+    def _no_expert_checkpoints(self) -> None:
+        if self._ep_key is not None:
+            from autoshard.runtime.errors import CheckpointError
+
+            raise CheckpointError(f"checkpoints of a module with experts split over ep={self.mesh.size('ep')} are not "
+                                  "supported yet (each ep rank holds different experts); gather the weights with "
+                                  "full_state_dict(), or train with ep=1 to save checkpoints")
+
+    def _expert_notes(self) -> list[str]:
+        return [f"{ly.name}: mixture-of-experts layer left to the model's own code: it {ly.unrecognised}"
+                for ly in self._moe.values() if ly.unrecognised]
+
+    def _gather_experts(self, name: str, t: torch.Tensor, shape: list[int]) -> torch.Tensor:
+        """The whole of an expert parameter from the ep ranks holding its pieces (collective over ep)."""
+        g = self.mesh.group("ep")
+        if self._ep_plan.params[name][0] == "stacked":
+            pieces = [torch.empty_like(t) for _ in range(g.size)]
+            dist.all_gather(pieces, t.contiguous(), group=g.group)
+            return torch.cat(pieces, dim=0)
+        owner = self._ep_plan.owner(name)
+        buf = t.contiguous() if g.rank == owner else torch.empty(shape, dtype=t.dtype, device=t.device)
+        dist.broadcast(buf, src=self.mesh.rank_of(ep=owner), group=g.group)
+        return buf
+
+    def _collect_expert_stats(self) -> None:
+        """Rows routed to each expert and rows dropped in this step, summed over every rank's tokens."""
+        if not self._moe:
+            return
+        st = moe_runtime.read_stats(self._moe_ns)
+        vec: list[float] = []
+        for key, layer in self._moe.items():
+            s = st.get(key, {"routed": [0] * layer.num_experts, "dropped": 0})
+            vec += [*s["routed"], s["dropped"]]
+        t = torch.tensor(vec, dtype=torch.float64, device=self.mesh.device)
+        if not self.mesh.virtual and dist.is_initialized():
+            for g in (self.mesh.data_group(), self.mesh.group("pp")):  # tp ranks saw the same tokens
+                if g.size > 1:
+                    dist.all_reduce(t, group=g.group)
+        vals, off, tokens = [int(v) for v in t.tolist()], 0, {}
+        dropped = 0
+        for layer in self._moe.values():
+            tokens[layer.name] = vals[off:off + layer.num_experts]
+            dropped += vals[off + layer.num_experts]
+            off += layer.num_experts + 1
+        self._expert_counts = {"expert_tokens": tokens, "dropped_tokens": dropped}
+
+    @property
+    def _expert_stats(self) -> dict[str, Any]:
+        if not self._moe:
+            return {}
+        return {"expert_tokens": {}, "dropped_tokens": 0, **self._expert_counts,
+                "ep_comm_bytes": self._last_comm.get("ep", 0.0)}
 
 
 def _has_attr(root: torch.nn.Module, target: str) -> bool:

@@ -36,8 +36,9 @@ class Backend:
     """A ``torch.compile`` backend bound to one mesh (see the module docstring)."""
 
     def __init__(self, mesh: Mesh) -> None:
-        if mesh.size("pp") > 1:
-            raise ValueError("the torch.compile backend shards over dp and tp; for pp use autoshard.autoshard(model, mesh)")
+        if mesh.size("pp") > 1 or mesh.size("ep") > 1:
+            raise ValueError("the torch.compile backend shards over dp and tp; for pp and ep use "
+                             "autoshard.autoshard(model, mesh)")
         self.mesh = mesh
         self._hooked: set[int] = set()
         self.plans: list = []  # the tensor-parallel plan of every graph compiled so far

@@ -1,10 +1,12 @@
 """The ``autoshard`` command line (also ``python -m autoshard``).
 
 Commands: ``demo`` (train a small GPT sharded over CPU ranks and check parity), ``viz`` (draw the
-rewritten graph of a model sharded on a virtual mesh) and ``check`` (which ops and parameters were
-sharded, and which ops fell back to replicated execution). Exit codes: 0 success, 1 the command's
-check failed (demo: parity; check: fallbacks), 2 usage or plan errors, reported on stderr as
-``autoshard: error: ...``.
+rewritten graph of a model sharded on a virtual mesh), ``check`` (which ops and parameters were
+sharded, and which ops fell back to replicated execution), ``plan`` (choose a parallelisation from
+the cost model; ``--diff`` compares two plans) and ``calibrate`` (measure this machine into a
+hardware profile). Exit codes: 0 success, 1 the command's check failed (demo: parity; check:
+fallbacks; plan --diff: the decisions differ), 2 usage or plan errors (including "no feasible
+plan"), reported on stderr as ``autoshard: error: ...``.
 """
 
 from __future__ import annotations
@@ -196,6 +198,182 @@ def _check(args: argparse.Namespace) -> int:
     return EXIT_FAILED
 
 
+# ====================================================================================== plan
+def _meta_inputs(text: str, model: Any) -> tuple[tuple, dict]:
+    """``--input`` as meta tensors of the given (global) shapes: shapes are all the planner reads."""
+    import torch
+
+    from .modelspec import parse_input_specs
+
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for name, dtype, dims in parse_input_specs(text):
+        t = torch.empty(dims, dtype=dtype, device="meta")
+        if name is None:
+            args.append(t)
+        else:
+            kwargs[name] = t
+    if args and kwargs:
+        raise ValueError("--input: give the inputs either all positionally or all by name (NAME=DTYPE[...])")
+    return tuple(args), kwargs
+
+
+def _load_meta_model(spec: str) -> Any:
+    """Build MODEL on the meta device (no memory, no initialisation cost); fall back to a real build."""
+    import torch
+
+    from .modelspec import load_model
+
+    try:
+        with torch.device("meta"):
+            return load_model(spec)
+    except ValueError as meta_error:
+        try:
+            return load_model(spec)
+        except ValueError:
+            raise meta_error from None
+
+
+def _parse_fix(text: str | None) -> dict[str, Any]:
+    """``--fix 'tp=8,zero=1,offload=none,schedule=1f1b'`` → pinned planner choices."""
+    if not text:
+        return {}
+    out: dict[str, Any] = {}
+    ints = {"dp", "tp", "pp", "ep", "zero", "microbatches"}
+    for item in text.split(","):
+        key, eq, value = item.strip().partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in ints | {"offload", "schedule"}:
+            raise ValueError(f"--fix {text!r}: {item.strip()!r} is not KEY=VALUE with KEY one of "
+                             f"{', '.join(sorted(ints | {'offload', 'schedule'}))}")
+        if key in ints:
+            try:
+                out[key] = int(value)
+            except ValueError:
+                raise ValueError(f"--fix {text!r}: {key}={value!r} is not an integer") from None
+        elif key == "offload":
+            out[key] = None if value.lower() in ("none", "") else value
+        else:
+            out[key] = value
+    return out
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """``autoshard plan``: choose dp/tp/pp/ep, ZeRO, offload, micro-batches, schedule and checkpointing."""
+    from autoshard.passes import cost_model, planner
+    from autoshard.runtime.hardware import get_profile
+
+    if args.diff:
+        return _plan_diff(args.diff)
+    missing = [f for f, v in (("MODEL", args.model), ("--gpus", args.gpus), ("--input", args.input)) if v is None]
+    if missing:
+        raise ValueError(f"plan needs {', '.join(missing)} (or --diff A.json B.json)")
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: must be >= 1")
+    if args.gpus_per_node is not None and args.gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node {args.gpus_per_node}: must be >= 1")
+    profile = get_profile(args.gpu)
+    precision = args.precision or ("fp32" if profile.name == "cpu" else "bf16")
+    err = _console(stderr=True)
+    with _status(err, f"analysing {args.model}"):
+        model = _load_meta_model(args.model)
+        pos, kw = _meta_inputs(args.input, model)
+        gpn = min(args.gpus_per_node or profile.gpus_per_node, args.gpus)
+        tps = tuple(t for t in range(1, gpn + 1) if gpn % t == 0 and args.gpus % t == 0)
+        name = args.model.split(":")[-1].split("(")[0]
+        analysis = cost_model.analyse(model, pos, kw, precision=precision, tps=tps,
+                                      loss=None if args.loss == "model" else "cross_entropy", name=name)
+    space = planner.runtime_space(_parse_fix(args.fix)) if args.runtime_only else \
+        planner.SearchSpace(fixed=tuple(sorted(_parse_fix(args.fix).items())))
+    result = planner.plan(analysis, args.gpus, profile, memory_gib=args.memory_gib,
+                          gpus_per_node=args.gpus_per_node, space=space, alternatives=args.top)
+    text = result.to_json() + "\n" if args.json else (result.explain() if args.explain else _plan_brief(result)) + "\n"
+    if args.output and args.output != "-":
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        err.print(f"wrote the plan to {args.output}", markup=False, highlight=False)
+    else:
+        sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _plan_brief(result: Any) -> str:
+    """The default ``plan`` output: the decision, its predictions, the binding constraint, the runners-up."""
+    from autoshard.passes.planner import gib
+
+    lines = [f"plan: {result.decision_text()}",
+             f"  step {result.step_time_s * 1e3:,.1f} ms, {result.tokens_per_s:,.0f} tokens/s, MFU "
+             f"{100 * result.mfu:.1f}%; {gib(result.memory_per_gpu_bytes)} of {gib(result.budget_bytes)} "
+             f"per GPU on {result.gpus} x {result.hardware['name']}",
+             f"  binding: {result.binding}"]
+    if not result.runnable:
+        lines.append(f"  note: not runnable by this autoshard yet ({result.runnable_reason}); --runtime-only plans "
+                     "within what it runs")
+    feasible = [a for a in result.alternatives if a["feasible"]]
+    if feasible:
+        lines.append("  alternatives:")
+        for a in feasible:
+            lines.append(f"    {a['plan']:<56} {a['step_time_s'] * 1e3:10,.1f} ms ({a['slowdown'] * 100:+.1f}%)  "
+                         f"{gib(a['memory_per_gpu_bytes'])}")
+    lines.append("  (--explain says why, --json gives the data)")
+    return "\n".join(lines)
+
+
+def _plan_diff(paths: list[str]) -> int:
+    """``autoshard plan --diff A B``: exit 0 when the decisions agree, 1 when they differ."""
+    from autoshard.passes.planner import AutoPlan, diff
+
+    plans = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as f:
+                plans.append(AutoPlan.from_json(f.read()))
+        except ValueError as e:
+            raise ValueError(f"--diff {path}: {e}") from None
+    changed, lines = diff(plans[0], plans[1])
+    print(f"--- {paths[0]}: {plans[0].decision_text()}")
+    print(f"+++ {paths[1]}: {plans[1].decision_text()}")
+    print("\n".join(lines))
+    return EXIT_FAILED if changed else EXIT_OK
+
+
+# ====================================================================================== calibrate
+def _calibrate(args: argparse.Namespace) -> int:
+    """``autoshard calibrate``: measure this machine and store a hardware profile."""
+    import json
+
+    import torch
+
+    from autoshard.runtime import hardware
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is visible")
+    err = _console(stderr=True)
+    allreduce = None
+    with _status(err, f"measuring {device}") as say:
+        if args.nprocs > 1:
+            from .launch import launch
+
+            say(f"all-reduce over {args.nprocs} ranks")
+            sizes = [2**20, 16 * 2**20] if args.quick else [2**20, 16 * 2**20, 128 * 2**20]
+            allreduce = launch(hardware.allreduce_worker, args.nprocs, sizes, device=device)[0]
+        say("matmul, copy and dispatch rates")
+        prof = hardware.calibrate(device, name=args.name, quick=args.quick, allreduce=allreduce)
+    path = args.out or os.path.join(hardware.profile_dir(), f"{prof.name}.json")
+    prof.save(path)
+    if args.json:
+        print(json.dumps(prof.to_dict(), indent=1, sort_keys=True))
+    else:
+        rates = ", ".join(f"{k} {v:.3g}" for k, v in prof.matmul_tflops.items())
+        print(f"profile {prof.name}: matmul TFLOP/s {rates}; memory {prof.memory_gbps:.3g} GB/s; "
+              f"{prof.op_overhead_us:.3g} us per eager op"
+              + (f"; all-reduce bus {prof.intra_gbps:.3g} GB/s, {prof.intra_latency_us:.3g} us per step" if allreduce
+                 else ""))
+    print(f"wrote {path}; plan with it: autoshard plan MODEL --gpu {path if args.out else prof.name} ...")
+    return EXIT_OK
+
+
 # ====================================================================================== parser
 _VIZ_DESCRIPTION = """\
 Shard MODEL on a virtual mesh (no processes; rank 0's view) and draw the
@@ -210,6 +388,17 @@ _CHECK_DESCRIPTION = """\
 Shard MODEL on a virtual mesh and print its op coverage (per op: nodes run on
 shards, run replicated, or fallen back), every parameter's placement and role,
 and the fallbacks with their reason and source line."""
+
+
+_PLAN_DESCRIPTION = """\
+Plan how to parallelise MODEL on a cluster: mesh degrees (dp, tp, pp, ep),
+ZeRO stage, offload, micro-batches, pipeline schedule and activation
+checkpointing, minimising the predicted step time under the per-GPU memory
+budget. The model is built on the meta device and one block of it is
+captured and costed (FLOPs, bytes, saved activations, tensor-parallel
+collectives); the cluster is a hardware profile. No GPU is needed: plan for
+512 GPUs on a laptop. --input is the GLOBAL batch of one optimizer step.
+An impossible request exits 2 naming the binding constraint."""
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -239,7 +428,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="autoshard", description="Train an unmodified PyTorch model on many devices.",
-        epilog="exit codes: 0 success, 1 the check failed (demo: parity; check: fallbacks), 2 usage or plan error")
+        epilog="exit codes: 0 success, 1 the check failed (demo: parity; check: fallbacks; plan --diff: the decisions "
+               "differ), 2 usage or plan error (plan: no feasible plan)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     d = sub.add_parser("demo", help="train a small GPT on 4 CPU ranks and check parity with one process",
                        description="Train a small GPT sharded over CPU ranks (Gloo) and compare it with the "
@@ -273,6 +463,64 @@ def build_parser() -> argparse.ArgumentParser:
                "exit codes: 0 no fallbacks, 1 some ops fell back to replicated execution, 2 usage or plan error")
     _model_args(c)
     c.set_defaults(func=_guarded(_check))
+
+    pl = sub.add_parser(
+        "plan", help="choose the mesh, ZeRO stage, micro-batches and checkpointing from a cost model",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=_PLAN_DESCRIPTION,
+        epilog="examples:\n  autoshard plan path/to/model.py:make_model --gpus 512 --gpus-per-node 8 --gpu h100 "
+               "--input 'int64[1024,4096]'\n  autoshard plan ... --json > a.json;  autoshard plan --diff a.json b.json\n"
+               "exit codes: 0 planned (--diff: same decisions), 1 --diff: decisions differ, 2 usage error or no "
+               "feasible plan (the message names the binding constraint)")
+    pl.add_argument("model", metavar="MODEL", nargs="?",
+                    help="path/to/file.py:name or package.module:name (a module class, a factory or a module); built "
+                         "on the meta device, so planning a 70B model costs no memory")
+    pl.add_argument("--gpus", type=int, metavar="N", help="GPUs (ranks) to plan for")
+    pl.add_argument("--gpus-per-node", type=int, default=None, metavar="G",
+                    help="GPUs per node sharing the fast link (default: the profile's, 8 for h100/h200)")
+    pl.add_argument("--gpu", default="h100", metavar="PROFILE",
+                    help="hardware profile: h100, h200, cpu, a stored calibration name or a profile .json "
+                         "(default h100)")
+    pl.add_argument("--input", metavar="SPEC",
+                    help="the GLOBAL batch of one optimizer step as DTYPE[shape], e.g. 'int64[1024,4096]' "
+                         "(sequences x tokens); NAME=DTYPE[shape] for keyword inputs")
+    pl.add_argument("--memory-gib", type=float, default=None, metavar="X",
+                    help="per-GPU memory budget in GiB (default: the profile's memory minus its reserve)")
+    pl.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default=None,
+                    help="compute precision (default bf16 on GPU profiles, fp32 on cpu)")
+    pl.add_argument("--loss", choices=("cross_entropy", "model"), default="cross_entropy",
+                    help="cross_entropy: the loss is computed on the model's logits (default); model: the model "
+                         "returns its loss")
+    pl.add_argument("--fix", default=None, metavar="CHOICES",
+                    help="pin choices, e.g. 'tp=8,zero=1' (keys dp, tp, pp, ep, zero, offload, microbatches, schedule)")
+    pl.add_argument("--runtime-only", action="store_true",
+                    help="only plans this autoshard runs today (no activation checkpointing yet)")
+    pl.add_argument("--top", type=int, default=5, metavar="K", help="alternatives to report (default 5)")
+    out = pl.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print the plan as JSON (mesh, zero, microbatches, "
+                                                         "memory_per_gpu_bytes, step_time_s, mfu, alternatives, ...)")
+    out.add_argument("--explain", action="store_true",
+                     help="why this plan: time and memory term by term, the binding constraint, the alternatives")
+    pl.add_argument("-o", "--output", default=None, metavar="PATH", help="write the output here instead of stdout")
+    pl.add_argument("--diff", nargs=2, metavar=("A.json", "B.json"), default=None,
+                    help="compare two plans written by --json (exit 1 when their decisions differ)")
+    pl.set_defaults(func=_guarded(_plan))
+
+    cal = sub.add_parser(
+        "calibrate", help="measure this machine (matmul, memory, all-reduce) and store a hardware profile",
+        description="Measure the achieved matmul rate per dtype, device copy bandwidth, per-op dispatch time and, "
+                    "with --nprocs > 1, the all-reduce bus bandwidth and latency between local ranks (Gloo on CPU, "
+                    "NCCL on GPUs); write a hardware profile for `autoshard plan --gpu NAME`.",
+        epilog="exit codes: 0 measured and written, 2 usage error")
+    cal.add_argument("--device", choices=("cpu", "cuda"), default=None, help="what to measure (default: cuda if any)")
+    cal.add_argument("--nprocs", type=int, default=1, metavar="N",
+                     help="local ranks for the all-reduce measurement (default 1: skip it)")
+    cal.add_argument("--name", default=None, help="profile name (default <device>-calibrated)")
+    cal.add_argument("--out", default=None, metavar="PATH",
+                     help="where to write the profile JSON (default: the profile directory, "
+                          "$AUTOSHARD_PROFILES or ~/.cache/autoshard/profiles)")
+    cal.add_argument("--quick", action="store_true", help="smaller, faster measurements")
+    cal.add_argument("--json", action="store_true", help="print the profile as JSON")
+    cal.set_defaults(func=_guarded(_calibrate))
     return p
 
 

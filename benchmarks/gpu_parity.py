@@ -21,10 +21,16 @@ if __name__ == "__main__":
     cases += [("llama_ex", "adamw", {"pp": 2, "tp": 2}, {"schedule": "interleaved_1f1b", "virtual_stages": 2,
                                                         "microbatches": 4}),
               ("gpt2", "sgd", {"pp": 2, "dp": 2}, {"schedule": "gpipe", "microbatches": 2})]
+    cases += [("gpt", "sgd", {"dp": 4}, {"zero": 3}), ("llama", "adamw", {"dp": 2, "tp": 2}, {"zero": 3}),
+              ("gpt2", "adamw", {"dp": 4}, {"zero": 3, "offload": "params"}),
+              ("gpt", "adamw", {"pp": 2, "dp": 2}, {"zero": 3, "microbatches": 4})]
+    if len(sys.argv) > 1 and sys.argv[1] == "--zero3-only":
+        cases = [c for c in cases if c[3].get("zero") == 3]
     failures = 0
     for kind, opt, degrees, options in cases:
         result = sharded(kind, opt, degrees, **options)
-        name = "x".join(f"{k}{v}" for k, v in degrees.items()) + " " + options.get("schedule", "")
+        name = "x".join(f"{k}{v}" for k, v in degrees.items()) + " " + options.get("schedule", "") + \
+            (f" zero{options['zero']}" if "zero" in options else "") + (" offload" if "offload" in options else "")
         if int(os.environ.get("RANK", "0")) == 0:
             try:
                 wl, wp = check(result, reference(kind, opt), opt)

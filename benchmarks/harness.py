@@ -40,6 +40,7 @@ class Results:
         self.config = config
         self.params = params
         self.rows: list[dict] = []
+        self.extras: dict[str, dict] = {}
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     def add(self, system: str, tokens_per_step_per_gpu: float, step_s: float) -> None:
@@ -51,11 +52,16 @@ class Results:
             print(f"{system:34s} {tok:10,.0f} tok/s/GPU  MFU {100 * mfu:5.1f}%  peak {peak:6.2f} GiB  "
                   f"step {step_s * 1e3:8.1f} ms", flush=True)
 
+    def extra(self, name: str, values: dict) -> None:
+        """Anything else a benchmark measured (predicted vs measured memory, bandwidths), kept in the JSON."""
+        self.extras[name] = values
+
     def write(self, path: str | None) -> None:
         if self.rank == 0 and path:
             with open(path, "w") as f:
                 json.dump({"config": self.config, "params": self.params, "torch": torch.__version__,
-                           "device": torch.cuda.get_device_name(), "rows": self.rows}, f, indent=1)
+                           "device": torch.cuda.get_device_name(), "rows": self.rows, "extras": self.extras}, f,
+                          indent=1)
 
 
 def llama_parser(description: str, batch: int, batch_help: str, iters: int):

@@ -82,17 +82,22 @@ def main() -> None:
 
         return timed(step, 4 if compile_blocks else 2, a.iters)
 
-    def run_autoshard(zero: int) -> float:
+    def run_autoshard(zero: int, prefetch: int = 1) -> float:
         mesh = autoshard.Mesh(dp=world)
         sm = autoshard.autoshard(base, mesh, example_inputs=(x,), loss_fn=lm_loss,
                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=True),
-                                 zero=zero, precision="bf16")
+                                 zero=zero, precision="bf16", prefetch=prefetch)
         t = timed(lambda: sm.train_step((x,), x), 2, a.iters)
+        mem = sm.plan.memory
+        predicted = sum(mem.get(k, 0) for k in ("params", "grads", "optimizer", "buffers", "activations",
+                                                 "params_gathered"))
+        measured = torch.cuda.max_memory_allocated()
+        results.extra(f"autoshard zero{zero}", {"predicted_peak_gib": predicted / 2**30,
+                                                "measured_peak_gib": measured / 2**30,
+                                                "terms_gib": {k: v / 2**30 for k, v in mem.items()}})
         if rank == 0:
-            mem = sm.plan.memory
-            predicted = mem["params"] + mem["grads"] + mem["optimizer"] + mem["buffers"] + mem["activations"]
             print(sm.plan.summary(), {k: f"{v / 2**30:.2f} GiB" for k, v in mem.items()},
-                  f"predicted peak {predicted / 2**30:.2f} GiB, measured {torch.cuda.max_memory_allocated() / 2**30:.2f}",
+                  f"predicted peak {predicted / 2**30:.2f} GiB, measured {measured / 2**30:.2f}",
                   flush=True)
         sm.close()  # free it now, so the next system's peak memory starts clean
         return t
@@ -103,6 +108,8 @@ def main() -> None:
         "fsdp2_compile": (f"FSDP2 x{world} + block compile", lambda: run_fsdp2(True)),
         "as_z1": (f"autoshard dp{world} zero1 bf16", lambda: run_autoshard(1)),
         "as_z2": (f"autoshard dp{world} zero2 bf16", lambda: run_autoshard(2)),
+        "as_z3": (f"autoshard dp{world} zero3 bf16", lambda: run_autoshard(3)),
+        "as_z3p2": (f"autoshard dp{world} zero3 bf16 prefetch2", lambda: run_autoshard(3, 2)),
     }
     for key in a.systems.split(","):
         name, fn = systems[key]

@@ -18,6 +18,8 @@ from torch.fx import GraphModule
 
 from autoshard.runtime.errors import CaptureError
 
+from .expert_parallel import intercept_moe
+
 
 @contextlib.contextmanager
 def _param_dtype(model: torch.nn.Module, dtype: torch.dtype | None):
@@ -66,17 +68,19 @@ def capture(
     *,
     training: bool = True,
     param_dtype: torch.dtype | None = None,
+    moe: dict | None = None,
 ) -> GraphModule:
     """Export ``model(*args, **kwargs)`` to an aten-level graph module that shares its parameters.
 
     ``param_dtype`` captures the model as if its floating parameters had that dtype (bf16/fp16
-    compute), without changing them.
+    compute), without changing them. ``moe``: mixture-of-experts layers found by
+    :func:`autoshard.passes.expert_parallel.find_moe_layers`, each captured as one op.
 
     Raises :class:`CaptureError` quoting the export failure and what to try.
     """
     kwargs = dict(kwargs or {})
     try:
-        with _capture_mode(model, training), _param_dtype(model, param_dtype):
+        with _capture_mode(model, training), _param_dtype(model, param_dtype), intercept_moe(model, moe):
             ep = torch.export.export(model, tuple(args), kwargs, strict=False)
     except Exception as e:  # noqa: BLE001 - re-raised with context
         last = "".join(traceback.format_exception_only(type(e), e)).strip()

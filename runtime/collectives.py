@@ -23,6 +23,7 @@ all-gather and reduce-scatter ``(n-1)/n·B`` of the full tensor.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -200,3 +201,53 @@ def all_gather_(out: torch.Tensor, inp: torch.Tensor, group: str, *, async_op: b
         return None
     count_bytes(group, (g.size - 1) * inp.numel() * inp.element_size())
     return _ALL_GATHER(out, inp, group=g.group, async_op=async_op)
+
+
+# ---------------------------------------------------------------------------- all-to-all (experts)
+def _all_to_all(x: torch.Tensor, send: list[int], recv: list[int], key: str) -> torch.Tensor:
+    """Rows ``x[sum(send[:j]):sum(send[:j+1])]`` go to rank j; returns the rows received, in rank order."""
+    g = _group(key)
+    x = x.contiguous()
+    if g.size == 1:
+        return x.clone()
+    out = x.new_empty((sum(recv), *x.shape[1:]))
+    dist.all_to_all_single(out, x, output_split_sizes=list(recv), input_split_sizes=list(send), group=g.group)
+    row = math.prod(x.shape[1:]) * x.element_size()
+    count_bytes(key, (sum(send) - send[g.rank]) * row)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, send: list[int], recv: list[int], key: str) -> torch.Tensor:
+        ctx.send, ctx.recv, ctx.key = send, recv, key
+        return _all_to_all(x, send, recv, key)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _all_to_all(grad, ctx.recv, ctx.send, ctx.key), None, None, None
+
+
+def all_to_all(x: torch.Tensor, send_splits: list[int], recv_splits: list[int], group: str) -> torch.Tensor:
+    """Variable-size all-to-all along dim 0: ``send_splits[j]`` rows go to rank ``j`` of the group,
+    ``recv_splits[j]`` rows come from it. Backward sends the gradients back the other way.
+
+    Both split lists must be known on every rank beforehand (exchange counts with
+    :func:`all_to_all_counts` first); every rank of the group must call it, in the same order.
+    """
+    return _AllToAll.apply(x, list(send_splits), list(recv_splits), group)
+
+
+def all_to_all_counts(counts: torch.Tensor, group: str) -> torch.Tensor:
+    """Equal-chunk, non-differentiable all-to-all of a 1-D integer tensor: chunk ``j`` goes to rank ``j``.
+
+    Used to tell every rank how many rows it will receive before :func:`all_to_all`.
+    """
+    g = _group(group)
+    if g.size == 1:
+        return counts.clone()
+    counts = counts.contiguous()
+    out = torch.empty_like(counts)
+    dist.all_to_all_single(out, counts, group=g.group)
+    count_bytes(group, (g.size - 1) / g.size * counts.numel() * counts.element_size())
+    return out

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from .errors import MeshError
 
 DIM_ORDER: tuple[str, ...] = ("pp", "dp", "ep", "tp")
-SUPPORTED_DIMS: frozenset[str] = frozenset({"pp", "dp", "tp"})
+SUPPORTED_DIMS: frozenset[str] = frozenset({"pp", "dp", "ep", "tp"})
 
 _mesh_ids = itertools.count()
 
@@ -89,6 +89,21 @@ class Mesh:
         """A mesh with no processes, for planning and for unit tests of passes."""
         return cls(dp=dp, tp=tp, pp=pp, ep=ep, _virtual_rank=rank)
 
+    @classmethod
+    def auto(cls, *, profile: object = None, memory_gib: float | None = None, gpus_per_node: int | None = None,
+             device: str | None = None) -> AutoMesh:  # noqa: F821 - runtime/hardware.py, imported when called
+        """A mesh whose degrees ``autoshard()`` chooses with the planner, for this world's size.
+
+        Returns an :class:`~autoshard.runtime.hardware.AutoMesh` request (the world size comes from
+        the running process group, else ``WORLD_SIZE``, else 1); ``profile`` is a hardware profile or
+        its name (default: detected from the device), ``memory_gib`` the per-rank budget.
+        """
+        from .hardware import AutoMesh
+
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else \
+            int(os.environ.get("WORLD_SIZE", "1"))
+        return AutoMesh(world, profile, memory_gib, gpus_per_node, device)
+
     def _join(self, device: str | torch.device | None) -> int:
         want = self.world_size
         if not dist.is_available():
@@ -139,6 +154,14 @@ class Mesh:
         for d in DIM_ORDER:
             group = self.device_mesh.get_group(d) if (self.device_mesh is not None and self.degrees[d] > 1) else None
             self._groups[d] = GroupHandle(f"mesh{self.id}.{d}", self.degrees[d], self._coords[d], group)
+        if self.degrees["dp"] > 1 and self.degrees["ep"] > 1 and dist.is_initialized():
+            # dp × ep together: the ranks that load different slices of the batch (every rank makes every group)
+            for pp, tp in itertools.product(range(self.degrees["pp"]), range(self.degrees["tp"])):
+                ranks = [self.rank_of(pp=pp, dp=d, ep=e, tp=tp) for d in range(self.degrees["dp"])
+                         for e in range(self.degrees["ep"])]
+                group = dist.new_group(ranks)
+                if self.rank in ranks:
+                    self._groups["dp_ep"] = GroupHandle(f"mesh{self.id}.dp_ep", len(ranks), ranks.index(self.rank), group)
 
     def _coords_of(self, rank: int) -> dict[str, int]:
         coords: dict[str, int] = {}
@@ -168,6 +191,16 @@ class Mesh:
     def data_rank(self) -> int:
         """Which slice of the global batch this rank loads."""
         return self._coords["dp"] * self.degrees["ep"] + self._coords["ep"]
+
+    def data_group(self) -> GroupHandle:
+        """The ranks that load different slices of the batch and share every other coordinate (dp × ep):
+        dense gradients and the loss are averaged over it. It is the dp group when ep = 1."""
+        if self.degrees["ep"] == 1:
+            return self.group("dp")
+        if self.degrees["dp"] == 1 or self.virtual:  # the ep ranks; its own key, so its bytes are counted apart
+            group = None if self.virtual else self.group("ep").group
+            return GroupHandle(f"mesh{self.id}.dp_ep", self.data_size, self.data_rank, group)
+        return self._groups["dp_ep"]
 
     def group(self, dim: str) -> GroupHandle:
         """The process group of ``dim`` containing this rank (virtual meshes have none)."""

@@ -68,6 +68,8 @@ class Plan:
     memory: dict[str, int] = field(default_factory=dict)  # predicted bytes per rank, term by term
     notes: list[str] = field(default_factory=list)
     estimates: dict[str, float] = field(default_factory=dict)
+    experts: dict[str, Any] = field(default_factory=dict)  # ep degree, capacity factor, MoE layers and their experts
+    fusions: dict[str, Any] = field(default_factory=dict)  # fused kernel regions and rejected candidates (fuse=True)
     version: int = PLAN_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -111,6 +113,10 @@ class Plan:
         d = asdict(self)
         d.pop("estimates")
         d.pop("memory")  # per rank: pipeline stages hold different parameters
+        if not d.get("fusions"):
+            d.pop("fusions", None)  # plans made without fusion keep the fingerprint they always had
+        if not d.get("experts"):
+            d.pop("experts", None)  # likewise plans of models without experts
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -126,6 +132,7 @@ class Plan:
             + ", ".join(f"{n} {op}" for op, n in sorted(coll.items()))
             + f"); {len(self.dp_buckets)} dp buckets; {len(self.fallbacks)} fallbacks"
             + (f"; {len(self.pipeline['stages'])} pipeline stages, {self.pipeline['schedule']}" if self.pipeline else "")
+            + (f"; {len(self.fusions.get('regions', []))} fused kernel regions" if self.fusions else "")
         )
 
     def explain(self) -> str:
@@ -170,6 +177,16 @@ class Plan:
                              f"{st['flops'] / 1e9:.3f} GFLOP, receives {st['receives']} tensors")
             for name, stages in pl.get("shared_params", {}).items():
                 lines.append(f"  {name} is used by stages {stages}: its gradients are summed across them")
+        if self.experts:
+            ex = self.experts
+            cap = "dropless" if ex["capacity_factor"] is None else f"capacity factor {ex['capacity_factor']:g} (GShard)"
+            lines += ["", f"Experts (ep={ex['ep']}, {cap}): tokens go to their experts and back by all-to-all "
+                          "over ep; expert gradients are averaged over dp, dense ones over dp x ep."]
+            for ly in ex["layers"]:
+                lines.append(f"  {ly['name']}: {ly['kind']}, {ly['experts']} experts, {ly['experts_per_rank']} per ep "
+                             f"rank, top-{ly['top_k'] or '?'}, router {ly['router'] or 'inside the block'}")
+        if self.fusions:
+            lines += ["", *fusion_lines(self.fusions)]
         if self.mesh.get("dp", 1) > 1:
             nb = len(self.dp_buckets)
             lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "
@@ -190,3 +207,20 @@ class Plan:
             for k, v in self.estimates.items():
                 lines.append(f"  {k}: {v:,.0f}")
         return "\n".join(lines)
+
+
+def fusion_lines(fusions: dict[str, Any]) -> list[str]:
+    """The fusion section of :meth:`Plan.explain`: every fused region, then each candidate left alone and why."""
+    regions, rejected = fusions.get("regions", []), fusions.get("rejected", [])
+    kinds = Counter(r["kind"] for r in regions)
+    lines = [f"Fused kernels: {len(regions)} regions (" + ", ".join(f"{n} {k}" for k, n in sorted(kinds.items()))
+             + f"), replacing {sum(len(r['ops']) for r in regions)} aten ops:"]
+    for r in regions:
+        ops = Counter(op.removeprefix("aten.") for op in r["ops"])
+        lines.append(f"  {r['node']:<24} {r['kind']:<18} {r['kernel']:<28} "
+                     + " ".join(f"{op}×{n}" if n > 1 else op for op, n in ops.items())
+                     + f"   {r.get('module') or '-'} [{r.get('source', '?')}]")
+    lines.append(f"Not fused ({len(rejected)}):" if rejected else "Not fused: none")
+    for r in rejected:
+        lines.append(f"  {r['node']:<24} {r['op']:<26} {r['reason']}   [{r.get('source', '?')}]")
+    return lines

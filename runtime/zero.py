@@ -2,7 +2,7 @@
 
 Model states per rank for Ψ parameters trained with Adam in mixed precision (ZeRO paper, §3):
 compute copy 2Ψ + gradients 2Ψ + fp32 master, momentum and variance 12Ψ. Over ``N_d`` data-parallel
-ranks, stage 1 divides the 12Ψ, stage 2 also the gradients, stage 3 (not yet here) the parameters.
+ranks, stage 1 divides the 12Ψ, stage 2 also the gradients, stage 3 the parameters as well.
 
 Layout. Parameters are packed, in gradient-ready order, into flat buckets padded to a multiple of the
 data-parallel size. Each parameter the graph uses is a *view* into its bucket's flat compute buffer
@@ -18,6 +18,18 @@ the master's gradient. After backward: unscale (fp16), one global check for inf/
 clipping (each element counted once across tp, pp and dp), the optimizer step on the masters, and an
 all-gather of the updated masters back into the compute buffers (cast to the compute dtype).
 
+Stage 3. A rank keeps no compute copy of its own between uses: each gather casts its fp32 master
+slice to the compute dtype and all-gathers that, so model states are (2 + 12)Ψ / N_d for Adam (the
+paper keeps a separate 2Ψ / N_d compute partition as well). With ``offload="params"`` the masters are
+in CPU memory, so a pinned compute-dtype slice (``local``) is kept there to copy from. The flat buffer the parameters are views of has its storage freed (resized
+to zero bytes) except while the bucket is in use: the graph pass
+:func:`autoshard.passes.data_parallel.insert_param_gathers` puts ``gather_params`` before a bucket's
+first use (prefetching the next), ``release_params`` after its last forward use, and ``regather``
+identities whose backward gathers the bucket again before autograd needs the tensors it saved. A
+bucket's storage is freed again once all of its gradients are reduce-scattered. Autograd saved views
+of the parameters, so the gather writes under ``_unsafe_preserve_version_counter``: the values it
+writes back are the very values that were saved.
+
 fp16 uses a dynamic loss scaler with DeepSpeed's semantics: initial scale 2**16, ×2 after 1000
 clean steps, hysteresis 2 (the second overflow in a row halves the scale), a skipped step on every
 overflow, and an error when the scale would fall below the minimum.
@@ -25,8 +37,10 @@ overflow, and an error when the scale would fall below the minimum.
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -89,6 +103,10 @@ class _Bucket:
     flat: torch.Tensor  # compute dtype, on device: the parameters are views into it
     master: torch.nn.Parameter  # fp32 slice this rank owns (device or CPU)
     grad_weight: torch.Tensor | None = None  # per-element weight for the global norm (1/replication)
+    local: torch.Tensor | None = None  # stage 3: this rank's slice of ``flat`` in the compute dtype
+    state: str = "ready"  # stage 3: "free" (storage released), "pending" (gather in flight), "ready"
+    work: object | None = None
+    keep: list = field(default_factory=list)  # tensors an in-flight gather reads
 
     @property
     def shard(self) -> int:
@@ -102,9 +120,11 @@ class ZeroOptimizer(GradientSync):
                  buckets: list[list[str]], *, group: str, size: int, rank: int, stage: int, precision: str,
                  optimizer_factory, device: torch.device, offload: str | None = None, grad_clip: float | None = None,
                  expected: dict[str, int] | None = None, norm_weight: dict[str, float] | None = None,
-                 global_norm: bool = False) -> None:
-        if stage not in (0, 1, 2):
-            raise ValueError(f"zero={stage}: this runtime supports ZeRO stages 0, 1 and 2")
+                 global_norm: bool = False, prefetch: int = 1) -> None:
+        if stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero={stage}: choose a ZeRO stage 0, 1, 2 or 3")
+        if offload == "params" and stage != 3:
+            raise ValueError('offload="params" partitions parameters: it needs zero=3')
         self.stage = stage
         self.rank = rank
         self.dtype = DTYPES[precision]
@@ -113,20 +133,25 @@ class ZeroOptimizer(GradientSync):
         self.grad_clip = grad_clip
         self.device = device
         self.global_norm = global_norm  # reduce norms and overflow flags over every rank
+        self.prefetch = prefetch
+        self.key = f"{group}.zero{next(_ids)}"  # how graph nodes find this optimizer
+        _OWNERS[self.key] = self
+        self.gathers = 0  # stage 3: all-gathers of parameters since construction
         # stage 0 keeps whole masters on every rank; stages 1-2 give rank r slice r of each bucket
         self.parts = size if stage >= 1 else 1
         self.part = rank if stage >= 1 else 0
         self.scaler = DynamicLossScaler() if precision == "fp16" else None
         self.last_grad_norm = float("nan")
         self.zbuckets: list[_Bucket] = []
-        master_device = torch.device("cpu") if offload == "optimizer" else device
+        master_device = torch.device("cpu") if offload in ("optimizer", "params") else device
         norm_weight = norm_weight or {}
         for names in buckets:
             shapes = [params[n].shape for n in names]
             sizes = [math.prod(s) for s in shapes]
             numel = sum(sizes)
             padded = -(-numel // size) * size
-            flat = torch.zeros(padded, dtype=self.dtype, device=device)
+            flat = torch.empty(padded, dtype=self.dtype, device=device) if stage == 3 else \
+                torch.zeros(padded, dtype=self.dtype, device=device)
             full32 = torch.zeros(padded, dtype=torch.float32)
             offsets, off = [], 0
             weight = torch.ones(padded, dtype=torch.float32)
@@ -138,17 +163,27 @@ class ZeroOptimizer(GradientSync):
             weight[numel:] = 0.0
             if self.parts == 1:
                 weight /= size  # every dp rank holds the whole gradient: count each element once
-            flat.copy_(full32.to(device))
-            for n, k, shp, o in zip(names, sizes, shapes, offsets):
-                params[n].data = flat[o:o + k].view(shp)
             sh = padded // self.parts
             mine = slice(self.part * sh, (self.part + 1) * sh)
+            local = None
+            if stage == 3:  # never hold the whole bucket; with offload keep a pinned compute slice to copy from
+                if offload == "params":
+                    local = _pinned(full32[mine].to(self.dtype), device)
+            else:
+                flat.copy_(full32.to(device))
+            for n, k, shp, o in zip(names, sizes, shapes, offsets):
+                params[n].data = flat[o:o + k].view(shp)
+            if stage == 3:  # views are made; now free the storage under them
+                flat.untyped_storage().resize_(0)
             master = torch.nn.Parameter(full32[mine].clone().to(master_device))
             if master_device.type == "cpu" and device.type == "cuda":
                 master.data = master.data.pin_memory()
             self.zbuckets.append(_Bucket(names, offsets, numel, padded, flat, master,
-                                         weight[mine].clone().to(master_device)))
+                                         weight[mine].clone().to(master_device), local,
+                                         "free" if stage == 3 else "ready"))
         super().__init__(params, buckets, group, size, expected=expected, always=True)
+        if stage == 3:
+            self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
         self.optimizer = optimizer_factory([b.master for b in self.zbuckets])
 
     # ------------------------------------------------------------------ reduction
@@ -161,7 +196,9 @@ class ZeroOptimizer(GradientSync):
                 flat[o:o + p.numel()] = p.grad.reshape(-1).float()
                 p.grad = None  # the flat fp32 copy replaces it
         flat.div_(self.size)
-        if self.stage == 2:
+        if self.stage == 3:  # every gradient of the bucket is in: backward no longer needs it
+            self.release(i)
+        if self.stage >= 2:
             out = torch.empty(b.shard, dtype=torch.float32, device=self.device)
             work = C.reduce_scatter_(out, flat, self.group, async_op=True)
             self._launched[i] = (work, out)
@@ -171,7 +208,7 @@ class ZeroOptimizer(GradientSync):
 
     def _complete(self, i: int, payload: torch.Tensor) -> None:
         b = self.zbuckets[i]
-        if self.stage != 2:
+        if self.stage < 2:
             payload = payload[self.part * b.shard:(self.part + 1) * b.shard]
         b.master.grad = payload.to(b.master.device, non_blocking=True)
 
@@ -182,6 +219,8 @@ class ZeroOptimizer(GradientSync):
         Returns False when the step was skipped (fp16 overflow).
         """
         grads = [b.master.grad for b in self.zbuckets]
+        if self.offload is not None and self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # the device→host gradient copies
         if self.scaler is not None:
             for g in grads:
                 g.div_(self.scaler.scale)
@@ -211,13 +250,67 @@ class ZeroOptimizer(GradientSync):
         return True
 
     def _gather(self) -> None:
-        """All-gather every rank's updated master slice into the flat compute buffers."""
-        for b in self.zbuckets:
+        """All-gather every rank's updated master slice into the flat compute buffers.
+
+        Stage 3 only refreshes this rank's compute slice; a bucket still gathered is dropped so its
+        next use gathers the new values.
+        """
+        for i, b in enumerate(self.zbuckets):
+            if self.stage == 3:
+                if b.local is not None:
+                    b.local.copy_(b.master.detach())
+                self.release(i)
+                continue
             mine = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)
             if self.parts == 1:
                 b.flat.copy_(mine)
             else:
                 C.all_gather_(b.flat, mine, self.group)
+
+    # ------------------------------------------------------------------ stage 3: parameter residency
+    def start(self, i: int) -> None:
+        """Begin gathering bucket ``i`` (asynchronously) unless it is already there or on its way."""
+        b = self.zbuckets[i]
+        if b.state != "free":
+            return
+        flat = b.flat
+        flat.untyped_storage().resize_(flat.numel() * flat.element_size())
+        if b.local is not None:  # offloaded: the pinned slice goes up
+            src = b.local.to(self.device, non_blocking=True)
+        else:  # cast our fp32 master slice
+            src = b.master.detach().to(self.dtype)
+        # autograd saved views of these parameters in an earlier forward; the gather restores exactly
+        # the values they held, so it must not count as a modification
+        with torch.autograd._unsafe_preserve_version_counter(flat):
+            b.work = C.all_gather_(flat, src, self.group, async_op=True)
+        b.keep = [src]
+        b.state = "pending"
+        self.gathers += 1
+
+    def fetch(self, i: int, then: tuple[int, ...] = ()) -> None:
+        """Make bucket ``i`` usable now; start gathering the buckets in ``then`` behind it."""
+        b = self.zbuckets[i]
+        self.start(i)
+        if b.state == "pending":
+            if b.work is not None:
+                b.work.wait()
+            b.work, b.keep, b.state = None, [], "ready"
+        for j in then:
+            self.start(j)
+
+    def release(self, i: int) -> None:
+        """Free bucket ``i``'s gathered storage (stage 3); its parameters become empty views."""
+        b = self.zbuckets[i]
+        if self.stage != 3 or b.state == "free":
+            return
+        if b.state == "pending" and b.work is not None:
+            b.work.wait()
+        b.work, b.keep, b.state = None, [], "free"
+        b.flat.untyped_storage().resize_(0)
+
+    def resident_bytes(self) -> int:
+        """Bytes of gathered compute buffers held now (stage 3 working set)."""
+        return sum(b.flat.numel() * b.flat.element_size() for b in self.zbuckets if b.state != "free")
 
     def zero_grad(self) -> None:
         for b in self.zbuckets:
@@ -231,7 +324,10 @@ class ZeroOptimizer(GradientSync):
     # ------------------------------------------------------------------ memory and state
     def model_state_bytes(self) -> dict[str, int]:
         """Bytes this rank holds for model states, as allocated (not estimated)."""
-        params = sum(b.flat.numel() * b.flat.element_size() for b in self.zbuckets)
+        if self.stage == 3:  # compute copies exist only while gathered (offload: a pinned slice on the host)
+            params = sum(b.local.numel() * b.local.element_size() for b in self.zbuckets if b.local is not None)
+        else:
+            params = sum(b.flat.numel() * b.flat.element_size() for b in self.zbuckets)
         master = sum(b.master.numel() * 4 for b in self.zbuckets)
         states = 0
         for st in self.optimizer.state.values():
@@ -262,7 +358,12 @@ class ZeroOptimizer(GradientSync):
                 full[o:o + self.params[n].numel()] = params[n].reshape(-1).float()
             mine = slice(self.part * b.shard, (self.part + 1) * b.shard)
             b.master.data.copy_(full[mine].to(b.master.device))
-            b.flat.copy_(full.to(self.device, self.dtype))
+            if self.stage == 3:
+                if b.local is not None:
+                    b.local.copy_(full[mine].to(self.dtype))
+                self.release(self.zbuckets.index(b))
+            else:
+                b.flat.copy_(full.to(self.device, self.dtype))
             keys = sorted({k for n in b.names for k in optim.get(n, {})})
             st: dict[str, torch.Tensor] = {}
             for k in keys:
@@ -294,3 +395,54 @@ class ZeroOptimizer(GradientSync):
             o = b.offsets[i]
             return full[o:o + self.params[name].numel()].view(self.params[name].shape).cpu()
         raise KeyError(name)
+
+
+# ---------------------------------------------------------------------- stage 3: graph-facing calls
+_ids = itertools.count()
+_OWNERS: weakref.WeakValueDictionary[str, ZeroOptimizer] = weakref.WeakValueDictionary()
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return t.pin_memory() if device.type == "cuda" else t
+
+
+def _owner(key: str) -> ZeroOptimizer:
+    try:
+        return _OWNERS[key]
+    except KeyError:
+        raise RuntimeError(f"no ZeRO-3 optimizer {key!r}: the module that owned this graph was closed") from None
+
+
+def gather_params(key: str, bucket: int, then: tuple[int, ...] = ()) -> None:
+    """Graph node: bucket ``bucket`` is used next; gather it (and start the buckets in ``then``)."""
+    _owner(key).fetch(bucket, then)
+
+
+def release_params(key: str, bucket: int, keep_for_backward: bool = False) -> None:
+    """Graph node: the forward is done with ``bucket``. Kept while gradients are enabled when
+    ``keep_for_backward`` (the bucket backward starts with)."""
+    if keep_for_backward and torch.is_grad_enabled():
+        return
+    _owner(key).release(bucket)
+
+
+class _Regather(torch.autograd.Function):
+    """Identity forward; backward first gathers the bucket whose region produced the tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: str, bucket: int, then: tuple[int, ...]) -> torch.Tensor:
+        ctx.args = (key, bucket, then)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        key, bucket, then = ctx.args
+        _owner(key).fetch(bucket, then)
+        return g, None, None, None
+
+
+def regather(x: torch.Tensor, key: str, bucket: int, then: tuple[int, ...] = ()) -> torch.Tensor:
+    """Graph node on a tensor leaving ``bucket``'s region: backward re-gathers the bucket."""
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return x
+    return _Regather.apply(x, key, bucket, then)

@@ -33,6 +33,17 @@ def make_model(kind: str) -> torch.nn.Module:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                           use_cache=False)
         return LlamaForCausalLM(cfg)
+    if kind == "moe_gpt":  # examples/moe_gpt.py: top-2 of 8 ModuleList experts, looped over
+        from autoshard.examples.moe_gpt import make_model as make_moe
+
+        return make_moe(vocab_size=VOCAB, seq_len=SEQ, d_model=32, n_heads=4, d_ff=64, n_layers=2, n_experts=8, top_k=2)
+    if kind == "mixtral":  # Hugging Face fused 3-D experts (grouped matmuls), top-2 of 8
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2,
+                            max_position_embeddings=64, use_cache=False)
+        return MixtralForCausalLM(cfg)
     if kind == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -62,7 +73,7 @@ def gpt_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 def inputs(kind: str, tokens: torch.Tensor):
     """(inputs, target, loss_fn) for one model kind: HF models compute their own loss from labels."""
-    if kind in ("gpt", "llama_ex"):
+    if kind in ("gpt", "llama_ex", "moe_gpt"):
         return (tokens,), tokens, gpt_loss
     return {"input_ids": tokens, "labels": tokens}, None, None
 

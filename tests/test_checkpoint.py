@@ -29,12 +29,13 @@ pytestmark = pytest.mark.slow
 
 SAVE_AT = 2  # steps before the checkpoint
 # same plan: (model, mesh, options); 2 steps, save, 2 more == a fresh module loaded from the checkpoint, 2 steps
-RESUME = [("llama", {"dp": 2}, {"zero": 1}), ("gpt2", {"tp": 2}, {}), ("gpt", {"pp": 2}, {"microbatches": 2})]
+RESUME = [("llama", {"dp": 2}, {"zero": 1}), ("gpt2", {"tp": 2}, {}), ("gpt", {"pp": 2}, {"microbatches": 2}),
+          ("gpt", {"dp": 2}, {"zero": 3})]
 # across plans on 4 ranks: (model, saving mesh, options, loading mesh, options)
 ACROSS = [
     ("gpt", {"tp": 2, "dp": 2}, {}, {"dp": 4}, {}),
     ("gpt2", {"pp": 2, "tp": 2}, {"microbatches": 2}, {"tp": 4}, {}),
-    ("llama", {"dp": 4}, {"zero": 2}, {"dp": 2, "tp": 2}, {"zero": 1}),
+    ("llama", {"dp": 4}, {"zero": 3}, {"dp": 2, "tp": 2}, {"zero": 1}),
 ]
 # the 4-rank gpt checkpoint (tp=2 x dp=2, no ZeRO) loaded by 2 ranks
 FOUR_TO_TWO = ({"dp": 2}, {"zero": 1})
@@ -208,11 +209,16 @@ def _four_to_two(path: str) -> dict:
     return {"losses": losses, "state": sm.full_state_dict(), "steps": sm.stats()["steps"]}
 
 
+def _key(kind: str, options: dict) -> str:
+    return kind + ("-zero3" if options.get("zero") == 3 else "")
+
+
 def _world2(tmp: str) -> dict:
     out, modules, saved = {"resume": {}}, {}, {}
     for kind, degrees, options in RESUME:
-        out["resume"][kind], modules[kind], saved[kind] = _resume(kind, degrees, options,
-                                                                  os.path.join(tmp, f"resume-{kind}"))
+        key = _key(kind, options)
+        out["resume"][key], modules[key], saved[key] = _resume(kind, degrees, options,
+                                                               os.path.join(tmp, f"resume-{key}"))
     out["bad"] = _bad_inputs(modules["gpt"], os.path.join(tmp, "resume-gpt"), tmp)
     out["crash"] = _crash(modules["gpt"], os.path.join(tmp, "resume-gpt"), saved["gpt"], tmp)
     out["import"] = _import(modules["gpt2"])
@@ -262,7 +268,7 @@ def _ref(kind: str):
 @pytest.mark.parametrize("case", RESUME, ids=lambda c: f"{c[0]}-{'x'.join(f'{k}{v}' for k, v in c[1].items())}")
 def test_resume_is_bitwise(world2, case):
     for rank_result in world2:
-        r = rank_result["resume"][case[0]]
+        r = rank_result["resume"][_key(case[0], case[2])]
         assert r["steps_after_load"] == SAVE_AT
         assert r["resumed"] == r["straight"]  # identical floats
         assert r["differ"] == []  # torch.equal on every tensor of the state dict

@@ -77,12 +77,12 @@ def test_mesh_rejects_non_positive_or_non_integer_degrees(kwargs, bad):
 
 
 @pytest.mark.parametrize("dim", ["ep"])
-def test_mesh_rejects_unsupported_dimensions(dim, no_launcher_env):
-    with pytest.raises(MeshError) as ei:
+def test_mesh_counts_every_dimension(dim, no_launcher_env):
+    with pytest.raises(MeshError) as ei:  # every dimension is supported; each one multiplies the ranks needed
         Mesh(dp=2, **{dim: 2})
     msg = str(ei.value)
-    assert f"mesh dimension(s) {dim} are not supported yet" in msg
-    assert "Use Mesh(pp=..., dp=..., tp=...)" in msg
+    assert f"Mesh(dp=2, {dim}=2) needs 4 ranks" in msg
+    assert "--nproc-per-node 4" in msg
     # MeshError is also a ValueError and an AutoshardError
     assert isinstance(ei.value, ValueError) and isinstance(ei.value, autoshard.AutoshardError)
 
