@@ -28,7 +28,7 @@ from autoshard.passes.tensor_parallel import apply_tensor_parallel, plan_tensor_
 from autoshard.runtime import collectives as C
 from autoshard.runtime import moe as moe_runtime
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
-from autoshard.runtime.errors import PlanError, PlanMismatchError
+from autoshard.runtime.errors import CaptureError, PlanError, PlanMismatchError
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
 from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
 from autoshard.runtime.moe import ExpertGradientSync
@@ -59,6 +59,7 @@ def autoshard(
     prefetch: int = 1,
     capacity_factor: float | None = None,
     fuse: bool | None = None,
+    attention: str | None = None,
 ) -> ShardedModule:
     """Shard ``model`` over ``mesh`` and return a module that trains it.
 
@@ -93,16 +94,38 @@ def autoshard(
         fuse: replace regions of the rewritten graph by fused Triton kernels (generated pointwise
             chains; RMSNorm/LayerNorm with the residual add, softmax, SwiGLU, rotary, cross-entropy).
             ``None``: on for CUDA meshes, off on CPU. ``plan.fusions`` lists what was fused and why not.
+        attention: ``"block_sparse(block=64, local=4, global=1, random=0)"`` replaces each
+            ``scaled_dot_product_attention`` (causal or not; no mask, no dropout) by block-sparse attention
+            over that layout (``stride=``, ``seed=`` too; see runtime/kernels/block_sparse.py). ``plan.attention``
+            lists the layout, the nodes replaced and those left dense with the reason.
     """
     if getattr(mesh, "is_auto", False):  # Mesh.auto(): the planner chooses degrees and options (autoshard/auto.py)
         from .auto import plan_and_build
 
         return plan_and_build(autoshard, model, mesh, example_inputs, dict(locals()))
-    return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
-                         schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
-                         split_points=split_points, zero=zero, offload=offload, precision=precision,
-                         grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
-                         fuse=fuse)
+    try:
+        return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
+                             schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
+                             split_points=split_points, zero=zero, offload=offload, precision=precision,
+                             grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
+                             fuse=fuse, attention=attention)
+    except CaptureError as e:  # [zoo] no graph: the unmodified module under data parallelism, with a warning
+        from .eager import eager_data_parallel
+
+        return eager_data_parallel(model, mesh, e, zero=zero, precision=precision, offload=offload,
+                                   grad_clip=grad_clip, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb)
+
+
+def _parse_attention(attention: str | None):
+    """``attention=`` checked at plan time: ``None`` or a block-sparse :class:`Layout` (bad specs: PlanError)."""
+    if attention is None:
+        return None
+    from autoshard.runtime.kernels.block_sparse import LayoutError, parse_attention
+
+    try:
+        return parse_attention(attention)
+    except LayoutError as e:
+        raise PlanError(str(e)) from None
 
 
 def _as_call(inputs: Inputs) -> tuple[tuple, dict]:
@@ -198,7 +221,8 @@ class ShardedModule(torch.nn.Module):
                  optimizer=None, bucket_mb: float = 25.0, schedule: str = "1f1b", microbatches: int | None = None,
                  virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
                  offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None,
-                 prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None) -> None:
+                 prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None,
+                 attention: str | None = None) -> None:
         super().__init__()
         if zero not in (0, 1, 2, 3):
             raise PlanError(f"zero={zero!r}: choose 0 (none), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)")
@@ -237,6 +261,7 @@ class ShardedModule(torch.nn.Module):
         self._setup_experts(model, capacity_factor)  # [experts] MoE layers; with ep > 1, _dp_key becomes dp × ep
         self._fuse = mesh.device.type == "cuda" if fuse is None else bool(fuse)  # [kernels]
         self._fusions: dict = {}  # [kernels] the fusion report of the first program, for the plan
+        self._attention, self._attention_report = _parse_attention(attention), {}  # [comm] block-sparse attention
 
         args, kwargs = _as_call(example_inputs)
         self.schedule: Schedule | None = None
@@ -354,6 +379,7 @@ class ShardedModule(torch.nn.Module):
                   **({"prefetch": prefetch, "gathered_buckets": len(self._gathers)} if zero == 3 else {})},
             memory=memory,
             fusions=self._fusions,
+            attention=self._attention_report,
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
                 "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
@@ -365,6 +391,30 @@ class ShardedModule(torch.nn.Module):
             self.optimizer = self._zero.optimizer  # over this rank's fp32 master slices
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
+        self._bind_compressing_optimizer(layouts)
+
+    def _bind_compressing_optimizer(self, layouts) -> None:
+        """[comm] An optimizer that averages compressed momenta itself (autoshard.optim.OneBitAdam).
+
+        After its warm-up, GradientSync leaves gradients local; the optimizer reduces over dp. Its
+        momentum lists keep tp-replicated and tp-sharded parameters apart (see bind_data_parallel).
+        """
+        opt = self.optimizer
+        if opt is None or not hasattr(opt, "bind_data_parallel"):
+            return
+        name = type(opt).__name__
+        if self._zero is not None:
+            raise PlanError(f"{name} cannot run on the ZeRO path yet (zero, precision, offload or grad_clip "
+                            "set): its compressed momenta span whole buckets, ZeRO shards them; use zero=0, "
+                            "precision='fp32', no offload or grad_clip with it, or torch.optim.AdamW with ZeRO")
+        if self._pp > 1 or self._ep_key is not None:
+            raise PlanError(f"{name} supports data and tensor parallelism only (not pp or ep yet); "
+                            "use Mesh(dp=.., tp=..) or another optimizer")
+        trainable = [(n, p) for n, p in self._params.items() if p.requires_grad]
+        parts = [[p for n, p in trainable if parse_placement(layouts[n].placement).is_shard() == sh]
+                 for sh in (False, True)]
+        opt.bind_data_parallel(self._dp_key, self.mesh.size("dp"), self.mesh.coord("dp"), parts)
+        self._sync.raw_gradients = opt.wants_raw_gradients
 
     def _zero3_rewrite(self, program) -> list[dict]:
         """ZeRO-3: put parameter gathers, releases and backward re-gathers into ``program``'s graphs."""
@@ -502,6 +552,11 @@ class ShardedModule(torch.nn.Module):
         plan = TensorParallelPlan(self._tp_plan.layouts, [], [])
         gm, collectives = apply_tensor_parallel(gm, plan, self._tp, self._tp_key)
         _retarget_device(gm, self.mesh.device)
+        if self._attention is not None:  # [comm] block-sparse attention in place of sdpa, on local (tp) heads
+            from autoshard.passes.sparse_attention import sparse_attention_graph
+
+            gm, report = sparse_attention_graph(gm, self._attention)
+            self._attention_report = self._attention_report or report
         if self._fuse:  # [kernels] fused Triton kernels (torch references on CPU), before binding and stage cuts
             from autoshard.passes.fusion import fuse_graph
 
@@ -657,6 +712,8 @@ class ShardedModule(torch.nn.Module):
                 self._skipped += 1
         else:
             self.optimizer.step()
+            if hasattr(self.optimizer, "bind_data_parallel"):  # [comm] 1-bit Adam reduces momenta in its step
+                self._last_comm["dp"] = C.bytes_sent(f"mesh{self.mesh.id}.").get(self._dp_key, 0.0)
         if self._zero is not None:
             self._zero.zero_grad()
         else:

@@ -112,11 +112,13 @@ def lower(
     microbatches: int | None = None,
     virtual_stages: int = 1,
     progress: Callable[[str], None] | None = None,
+    attention: str | None = None,
 ) -> Lowered:
     """Shard ``model`` on a virtual mesh with the given degrees (rank 0) and collect its rewritten graph.
 
     ``args``/``kwargs`` are one local batch (a model takes either positional or keyword inputs here,
     as :func:`autoshard.autoshard` does). ``progress`` is told what is being done, for a status line.
+    ``attention``: a block-sparse spec, as ``autoshard(attention=...)`` takes; its layout is drawn.
     """
     kwargs = dict(kwargs or {})
     say = progress or (lambda _msg: None)
@@ -124,7 +126,7 @@ def lower(
     vmesh = Mesh.virtual(**mesh, rank=0)
     example = kwargs if kwargs else tuple(args)
     sm = autoshard(model, vmesh, example_inputs=example, loss_fn=loss_fn, schedule=schedule,
-                   microbatches=microbatches, virtual_stages=virtual_stages)
+                   microbatches=microbatches, virtual_stages=virtual_stages, attention=attention)
     plan = sm.plan
     name = type(model).__name__
     if isinstance(sm.module, GraphModule):
@@ -1211,6 +1213,7 @@ def render_html(view: GraphView) -> str:
 <section class="card" id="collectives"><h2>Collectives</h2>{coll_html}</section>
 <section class="card" id="fallbacks">{fb_head}{fb_html}</section>
 {sched_html}
+{_attention_html(plan.attention)}
 {mem_html}
 <section class="card" id="params"><details><summary>Parameters ({len(plan.params)})</summary>{params_html}</details>
 {f'<details><summary>Notes ({len(plan.notes)})</summary><ul>{notes}</ul></details>' if notes else ''}</section>
@@ -1219,6 +1222,26 @@ def render_html(view: GraphView) -> str:
 <script>{_SCRIPT}</script>
 </body></html>
 """
+
+
+def _attention_html(att: dict[str, Any]) -> str:
+    """The block-sparse attention card: the layout as a grid of blocks (query blocks down, key blocks across)."""
+    if not att:
+        return ""
+    grid = att.get("grid") or []
+    cell = 8 if len(grid) <= 32 else 4
+    rects = "".join(f'<rect x="{j * cell}" y="{i * cell}" width="{cell - 1}" height="{cell - 1}" fill="#2563eb"/>'
+                    for i, row in enumerate(grid) for j, c in enumerate(row) if c == "#")
+    n = len(grid)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{n * cell}" height="{n * cell}" role="img" '
+           f'aria-label="block layout"><rect width="{n * cell}" height="{n * cell}" fill="#f1f5f9"/>{rects}</svg>'
+           if n else "")
+    rows = [[r["node"], r.get("module") or "-", "causal" if r["causal"] else "bidirectional", str(r["blocks"]),
+             f"{r['density']:.3f}"] for r in att.get("replaced", [])]
+    rows += [[r["node"], r.get("module") or "-", "left dense: " + r["reason"], "-", "-"] for r in att.get("rejected", [])]
+    return (f'<section class="card" id="attention"><h2>Block-sparse attention</h2>'
+            f'<p class="note mono">{escape(att.get("spec", ""))}</p>{svg}'
+            f'{_table(["node", "module", "kind", "blocks", "density"], rows, {3, 4})}</section>')
 
 
 def render(view: GraphView, fmt: str) -> str:

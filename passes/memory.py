@@ -5,8 +5,9 @@ keeps its input (for the weight gradient), softmax its output, an addition nothi
 forward result overestimates the activations of a transformer by about half. This analysis walks the
 aten graph with a table of those needs (``SAVES``), follows views back to the tensor that owns the
 memory, counts each such tensor once, and skips parameters (model states are counted by ZeRO's
-terms) and anything that does not require a gradient. Operations not in the table are assumed to
-keep all their floating inputs, so an unknown op errs high.
+terms) and anything that does not require a gradient. A generated fused kernel keeps what its spec
+says its backward reads; other operations not in the table are assumed to keep all their floating
+inputs, so an unknown op errs high.
 
 Shapes come from the nodes' ``meta["val"]`` (global shapes of the local batch); a tensor placed
 ``Shard`` by the tensor-parallel pass counts ``1/tp`` of its bytes. ``scaled_dot_product_attention``
@@ -155,7 +156,11 @@ def saved_activation_bytes(gm: GraphModule, params: set[str], tp: int = 1,
             continue
         largest = max(largest, nbytes(node))
         rule = rules.get(node.target)
-        keep = rule(node, rg) if rule is not None else [a for a in ins if floating(a)]
+        spec = getattr(node.target, "spec", None)
+        if rule is None and spec is not None and hasattr(spec, "saved"):  # a generated fused kernel
+            keep = [node.args[i] for i in spec.saved if i < len(node.args)]
+        else:
+            keep = rule(node, rg) if rule is not None else [a for a in ins if floating(a)]
         for k in keep:
             k = node if k == _OUT else k
             if not isinstance(k, Node):

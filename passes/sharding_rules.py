@@ -469,6 +469,19 @@ def sdpa_rule(node: Node, ctx: Context) -> Decision:
     return Decision(out, req)
 
 
+LOSS_GATHER = "loss over a vocab-sharded head: the logits are gathered here, as they would be at the graph output"
+
+
+def loss_rule(node: Node, ctx: Context) -> Decision:
+    """Cross-entropy / NLL inside the graph (Hugging Face models given ``labels``).
+
+    The loss needs whole rows of class scores, so class-sharded logits from a vocab-parallel head are
+    gathered first: the same all-gather an external ``loss_fn`` costs at the output (a vocab-parallel
+    cross-entropy would reduce it to three row-sized all-reduces). Reported with that reason.
+    """
+    return all_r(node, ctx, why=LOSS_GATHER)
+
+
 def factory_rule(node: Node, ctx: Context) -> Decision:
     return Decision(R, {})
 
@@ -504,6 +517,8 @@ RULES.update({
     aten.matmul.default: matmul_rule,
     aten.scaled_dot_product_attention.default: sdpa_rule,
 })
+for _op in _ops("cross_entropy_loss.default", "nll_loss.default", "nll_loss_forward.default", "nll_loss2d.default"):
+    RULES[_op] = loss_rule
 for _op in _ops("arange.default", "arange.start", "arange.start_step", "full.default", "zeros.default",
                 "ones.default", "empty.memory_format", "scalar_tensor.default", "new_ones.default",
                 "new_zeros.default", "new_full.default", "new_empty.default", "rand.default",

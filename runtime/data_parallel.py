@@ -67,9 +67,14 @@ class GradientSync:
 
         return hook
 
+    # [comm] set by autoshard for an optimizer that reduces compressed momenta itself (1-bit Adam):
+    # while it returns True, gradients stay local (neither reduced nor divided)
+    raw_gradients = None
+
     def begin(self) -> None:
         """Arm the hooks for one backward pass."""
-        self._armed = self.active
+        self._local = bool(self.raw_gradients is not None and self.raw_gradients())
+        self._armed = self.active and not self._local
         self._count = {}
         self._ready = [set() for _ in self.buckets]
         self._launched = [None] * len(self.buckets)
@@ -77,6 +82,7 @@ class GradientSync:
         self._done = 0
 
     _armed = False
+    _local = False
 
     max_inflight = 4  # buckets reduced concurrently: bounds the memory of flat gradient copies
 
@@ -119,7 +125,7 @@ class GradientSync:
 
     def finish(self) -> None:
         """Launch what backward did not reach (unused parameters), wait, and complete every bucket."""
-        if not self.active:
+        if not self.active or self._local:
             return
         while self._next < len(self.buckets):
             self._launch(self._next)

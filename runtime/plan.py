@@ -70,6 +70,7 @@ class Plan:
     estimates: dict[str, float] = field(default_factory=dict)
     experts: dict[str, Any] = field(default_factory=dict)  # ep degree, capacity factor, MoE layers and their experts
     fusions: dict[str, Any] = field(default_factory=dict)  # fused kernel regions and rejected candidates (fuse=True)
+    attention: dict[str, Any] = field(default_factory=dict)  # block-sparse layout, replaced/refused sdpa nodes
     version: int = PLAN_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -117,6 +118,8 @@ class Plan:
             d.pop("fusions", None)  # plans made without fusion keep the fingerprint they always had
         if not d.get("experts"):
             d.pop("experts", None)  # likewise plans of models without experts
+        if not d.get("attention"):
+            d.pop("attention", None)  # and plans made without attention=...
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -133,6 +136,7 @@ class Plan:
             + f"); {len(self.dp_buckets)} dp buckets; {len(self.fallbacks)} fallbacks"
             + (f"; {len(self.pipeline['stages'])} pipeline stages, {self.pipeline['schedule']}" if self.pipeline else "")
             + (f"; {len(self.fusions.get('regions', []))} fused kernel regions" if self.fusions else "")
+            + (f"; {len(self.attention.get('replaced', []))} block-sparse attention nodes" if self.attention else "")
         )
 
     def explain(self) -> str:
@@ -187,6 +191,8 @@ class Plan:
                              f"rank, top-{ly['top_k'] or '?'}, router {ly['router'] or 'inside the block'}")
         if self.fusions:
             lines += ["", *fusion_lines(self.fusions)]
+        if self.attention:
+            lines += ["", *attention_lines(self.attention)]
         if self.mesh.get("dp", 1) > 1:
             nb = len(self.dp_buckets)
             lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "
@@ -223,4 +229,22 @@ def fusion_lines(fusions: dict[str, Any]) -> list[str]:
     lines.append(f"Not fused ({len(rejected)}):" if rejected else "Not fused: none")
     for r in rejected:
         lines.append(f"  {r['node']:<24} {r['op']:<26} {r['reason']}   [{r.get('source', '?')}]")
+    return lines
+
+
+def attention_lines(attention: dict[str, Any]) -> list[str]:
+    """The block-sparse attention section of :meth:`Plan.explain`: layout, replaced nodes, refusals, block grid."""
+    replaced, rejected = attention.get("replaced", []), attention.get("rejected", [])
+    lines = [f"Block-sparse attention {attention.get('spec', '?')}: {len(replaced)} sdpa nodes replaced:"]
+    for r in replaced:
+        lines.append(f"  {r['node']:<24} {'causal' if r['causal'] else 'bidirectional':<13} {r['blocks']} blocks, "
+                     f"{r['nnz_blocks']} visited, density {r['density']:.3f}   {r.get('module') or '-'} "
+                     f"[{r.get('source', '?')}]")
+    lines.append(f"Left dense ({len(rejected)}):" if rejected else "Left dense: none")
+    for r in rejected:
+        lines.append(f"  {r['node']:<24} {r['reason']}   [{r.get('source', '?')}]")
+    grid = attention.get("grid") or []
+    if grid:
+        lines.append("Layout (query blocks down, key blocks across; # visited):")
+        lines += [f"  {row}" for row in grid]
     return lines

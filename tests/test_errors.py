@@ -162,8 +162,14 @@ def test_data_dependent_control_flow_is_a_capture_error():
 
 
 def test_autoshard_surfaces_capture_errors(no_launcher_env):
+    # data parallelism needs no graph: the export failure is quoted in a warning and the eager module trains
+    with pytest.warns(UserWarning, match="What to try"):
+        sm = autoshard.autoshard(_DataDependent(), Mesh(), example_inputs=(torch.randn(2, 4),),
+                                 loss_fn=lambda out, y: out.sum())
+    assert sm.fallback == "eager-data-parallel"
+    # tensor parallelism does: the same failure is an error
     with pytest.raises(CaptureError, match="What to try"):
-        autoshard.autoshard(_DataDependent(), Mesh(), example_inputs=(torch.randn(2, 4),),
+        autoshard.autoshard(_DataDependent(), Mesh.virtual(tp=2, rank=0), example_inputs=(torch.randn(2, 4),),
                             loss_fn=lambda out, y: out.sum())
 
 
