@@ -350,11 +350,24 @@ class ShardedModule(torch.nn.Module):
                 if n in tied_names:
                     w /= len({self.schedule.rank_of(s) for s in split.shared_params[n]})
                 weight[n] = w
+            zero_buckets, groups, divisor = my_buckets, None, None
+            if self._ep_key is not None:  # [experts] dense buckets over dp × ep, experts' over the dp ranks holding them
+                expert = self._ep_plan.is_expert
+                dense_g = (self._dp_key, self._data_group.size, self._data_group.rank)
+                expert_g = (self._keys["dp"], mesh.size("dp"), mesh.coord("dp"))
+                zero_buckets, groups = [], []
+                for b in my_buckets:
+                    for part, g in (([n for n in b if not expert(n)], dense_g), ([n for n in b if expert(n)], expert_g)):
+                        if part:
+                            zero_buckets.append(part)
+                            groups.append(g)
+                divisor = mesh.data_size
             self._zero = ZeroOptimizer(
-                self._params, {n: p.detach() for n, p in self._params.items()}, my_buckets,
+                self._params, {n: p.detach() for n, p in self._params.items()}, zero_buckets,
                 group=self._dp_key, size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision=precision,
                 optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
-                expected=expected, norm_weight=weight, global_norm=not mesh.virtual, prefetch=prefetch)
+                expected=expected, norm_weight=weight, global_norm=not mesh.virtual, prefetch=prefetch,
+                bucket_groups=groups, divisor=divisor)
             self._sync = self._zero
             self._gathers = self._zero3_rewrite(program)
         elif self._ep_key is not None:  # [experts] dense gradients over dp × ep, experts' over dp
@@ -652,16 +665,7 @@ class ShardedModule(torch.nn.Module):
         return self
 
     def _loss(self, out, target) -> torch.Tensor:
-        if self.loss_fn is not None:
-            return self.loss_fn(out, target)
-        if isinstance(out, torch.Tensor):
-            return out
-        loss = getattr(out, "loss", None)
-        if loss is None and isinstance(out, dict):
-            loss = out.get("loss")
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"the model returned {type(out).__name__} with no loss; pass loss_fn=...")
-        return loss
+        return model_loss(out, target, self.loss_fn)
 
     def train_step(self, inputs: Inputs, target: Any = None) -> float:
         """Forward, backward and optimizer step on this rank's local batch.
@@ -946,11 +950,8 @@ class ShardedModule(torch.nn.Module):
         self._ep_key = self._keys["ep"] if ep > 1 else None
         self._expert_counts: dict[str, Any] = {}
         if ep > 1:
-            if self._use_zero:
-                raise PlanError(f"ep={ep} cannot be combined yet with zero, precision, offload or grad_clip (the ZeRO "
-                                "buckets would mix expert and dense gradients, which are averaged over different "
-                                "ranks); use them with ep=1, or ep without them")
             data = mesh.data_group()
+            self._data_group = data
             self._dp_key = data.name
             if not mesh.virtual:
                 C.register_group(data)
@@ -1019,6 +1020,21 @@ class ShardedModule(torch.nn.Module):
             return {}
         return {"expert_tokens": {}, "dropped_tokens": 0, **self._expert_counts,
                 "ep_comm_bytes": self._last_comm.get("ep", 0.0)}
+
+
+def model_loss(out: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:
+    """The training loss of one forward: ``loss_fn(out, target)``, else the model's own (a tensor it
+    returned, or the ``loss`` of an output such as a Hugging Face ``ModelOutput`` or a dict)."""
+    if loss_fn is not None:
+        return loss_fn(out, target)
+    if isinstance(out, torch.Tensor):
+        return out
+    loss = getattr(out, "loss", None)
+    if loss is None and isinstance(out, dict):
+        loss = out.get("loss")
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"the model returned {type(out).__name__} with no loss; pass loss_fn=...")
+    return loss
 
 
 def _has_attr(root: torch.nn.Module, target: str) -> bool:

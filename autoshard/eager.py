@@ -113,14 +113,9 @@ class EagerDataParallel(torch.nn.Module):
         return self
 
     def _loss(self, out: Any, target: Any) -> torch.Tensor:
-        if self.loss_fn is not None:
-            return self.loss_fn(out, target)
-        loss = out if isinstance(out, torch.Tensor) else getattr(out, "loss", None)
-        if loss is None and isinstance(out, dict):
-            loss = out.get("loss")
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"the model returned {type(out).__name__} with no loss; pass loss_fn=...")
-        return loss
+        from autoshard.api import model_loss  # api imports this module lazily: no cycle
+
+        return model_loss(out, target, self.loss_fn)
 
     def train_step(self, inputs: Any, target: Any = None) -> float:
         """Forward, backward, gradient average over dp and optimizer step; returns the global mean loss."""

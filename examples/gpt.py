@@ -66,15 +66,19 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    block: type[nn.Module] = Block  # a subclass swaps the block (examples/moe_gpt.py)
+    tied = True  # the LM head shares the token embedding
+
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(self.block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.head.weight = self.tok.weight  # tied
+        if self.tied:
+            self.head.weight = self.tok.weight
         self.apply(self._init)
 
     @staticmethod

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoshard.examples.gpt import Attention, GPTConfig, lm_loss, synthetic_batch
+from autoshard.examples.gpt import GPT, Attention, GPTConfig, lm_loss, synthetic_batch
 
 
 @dataclass
@@ -70,30 +70,11 @@ class MoEBlock(nn.Module):
         return x + self.moe(self.ln2(x))
 
 
-class MoEGPT(nn.Module):
-    def __init__(self, cfg: MoEGPTConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
-        self.blocks = nn.ModuleList(MoEBlock(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
-        self.apply(self._init)
+class MoEGPT(GPT):
+    """The GPT example with an MoE block in place of the MLP, and an untied head."""
 
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        t = idx.shape[1]
-        x = self.tok(idx) + self.pos(torch.arange(t, device=idx.device))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.head(self.ln_f(x))
+    block = MoEBlock
+    tied = False
 
 
 def make_model(seed: int = 0, **overrides) -> MoEGPT:

@@ -93,7 +93,6 @@ class SearchSpace:
     schedules: tuple[str, ...] = SCHEDULES
     checkpointing: bool = True
     expert_parallel: bool = True
-    ep_with_zero: bool = True  # ep > 1 together with ZeRO / mixed precision / offload
     max_microbatches: int = 64
     fixed: tuple[tuple[str, Any], ...] = ()
 
@@ -105,7 +104,7 @@ def runtime_space(fixed: dict[str, Any] | None = None) -> SearchSpace:
     """The choices this version's runtime executes: no activation checkpointing yet, ep only once supported."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
 
-    return SearchSpace(checkpointing=False, expert_parallel="ep" in SUPPORTED_DIMS, ep_with_zero=False,
+    return SearchSpace(checkpointing=False, expert_parallel="ep" in SUPPORTED_DIMS,
                        fixed=tuple(sorted((fixed or {}).items(), key=lambda kv: kv[0])))
 
 
@@ -355,8 +354,6 @@ def _enumerate(a: cm.ModelAnalysis, gpus: int, gpn: int, space: SearchSpace, pro
                                 continue
                             if off == "params" and z != 3:
                                 continue
-                            if ep > 1 and not space.ep_with_zero and (z > 0 or off is not None or precision != "fp32"):
-                                continue  # the runtime runs ep without ZeRO and in fp32 only (for now)
                             use_zero = int(z > 0 or precision != "fp32" or off is not None)
                             row = dict(dp=dp, tp=tp, pp=pp, ep=ep, m=m, v=v, B=B, k=0, z1=int(z >= 1),
                                        z2=int(z >= 2), z3=int(z >= 3), U=use_zero, offO=int(off == "optimizer"),
@@ -495,8 +492,7 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
     tokens = analysis.global_batch * analysis.tokens_per_sequence
     flops = analysis.model_flops_per_sequence * analysis.global_batch
     off = arr["offload"][best]
-    runnable, reason = _runnable(int(arr["k"][best]), int(arr["ep"][best]),
-                                 int(arr["zero"][best]) > 0 or off is not None or precision != "fp32")
+    runnable, reason = _runnable(int(arr["k"][best]), int(arr["ep"][best]))
     notes = list(analysis.notes) + [f"excluded: {e}" for e in excluded[:8]]
     if analysis.num_blocks and len(analysis.blocks) > 1:
         notes.append(f"{len(analysis.blocks)} distinct block kinds: stages are balanced on their average cost")
@@ -518,7 +514,7 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
     return result
 
 
-def _runnable(k: int, ep: int, zero_path: bool = False) -> tuple[bool, str]:
+def _runnable(k: int, ep: int) -> tuple[bool, str]:
     """Whether this version's runtime executes the plan (the planner models more than the runtime runs):
     ZeRO 0-3, both offloads and every searched schedule run; activation checkpointing does not yet."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
@@ -528,8 +524,6 @@ def _runnable(k: int, ep: int, zero_path: bool = False) -> tuple[bool, str]:
         why.append("activation checkpointing is not in the runtime yet")
     if ep > 1 and "ep" not in SUPPORTED_DIMS:
         why.append("expert parallelism (ep) is not in the runtime yet")
-    if ep > 1 and zero_path:
-        why.append("expert parallelism (ep) runs without ZeRO, offload or mixed precision for now")
     return (not why, "; ".join(why))
 
 

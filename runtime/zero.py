@@ -107,6 +107,9 @@ class _Bucket:
     state: str = "ready"  # stage 3: "free" (storage released), "pending" (gather in flight), "ready"
     work: object | None = None
     keep: list = field(default_factory=list)  # tensors an in-flight gather reads
+    group: str = ""  # the ranks that share this bucket (reduce, partition, gather over them)
+    parts: int = 1  # slices the bucket is cut into (1 at stage 0)
+    part: int = 0  # which slice this rank owns
 
     @property
     def shard(self) -> int:
@@ -120,7 +123,8 @@ class ZeroOptimizer(GradientSync):
                  buckets: list[list[str]], *, group: str, size: int, rank: int, stage: int, precision: str,
                  optimizer_factory, device: torch.device, offload: str | None = None, grad_clip: float | None = None,
                  expected: dict[str, int] | None = None, norm_weight: dict[str, float] | None = None,
-                 global_norm: bool = False, prefetch: int = 1) -> None:
+                 global_norm: bool = False, prefetch: int = 1,
+                 bucket_groups: list[tuple[str, int, int]] | None = None, divisor: int | None = None) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero={stage}: choose a ZeRO stage 0, 1, 2 or 3")
         if offload == "params" and stage != 3:
@@ -137,19 +141,24 @@ class ZeroOptimizer(GradientSync):
         self.key = f"{group}.zero{next(_ids)}"  # how graph nodes find this optimizer
         _OWNERS[self.key] = self
         self.gathers = 0  # stage 3: all-gathers of parameters since construction
-        # stage 0 keeps whole masters on every rank; stages 1-2 give rank r slice r of each bucket
-        self.parts = size if stage >= 1 else 1
-        self.part = rank if stage >= 1 else 0
+        # Each bucket is shared by a group of ranks: by default the data-parallel group; with experts
+        # split over ep, an expert's bucket by the dp ranks that hold that expert (``bucket_groups``:
+        # (group key, size, this rank's index) per bucket). Gradients are summed over the group and
+        # divided by ``divisor`` (default: the group size). Stage 0 keeps whole masters on every rank;
+        # stages 1-3 give rank r slice r of each bucket.
+        groups = bucket_groups or [(group, size, rank)] * len(buckets)
+        self.divisor = divisor or size
         self.scaler = DynamicLossScaler() if precision == "fp16" else None
         self.last_grad_norm = float("nan")
         self.zbuckets: list[_Bucket] = []
         master_device = torch.device("cpu") if offload in ("optimizer", "params") else device
         norm_weight = norm_weight or {}
-        for names in buckets:
+        for names, (bgroup, gsize, grank) in zip(buckets, groups):
+            parts, part = (gsize, grank) if stage >= 1 else (1, 0)
             shapes = [params[n].shape for n in names]
             sizes = [math.prod(s) for s in shapes]
             numel = sum(sizes)
-            padded = -(-numel // size) * size
+            padded = -(-numel // gsize) * gsize
             flat = torch.empty(padded, dtype=self.dtype, device=device) if stage == 3 else \
                 torch.zeros(padded, dtype=self.dtype, device=device)
             full32 = torch.zeros(padded, dtype=torch.float32)
@@ -161,10 +170,10 @@ class ZeroOptimizer(GradientSync):
                 weight[off:off + k] = norm_weight.get(n, 1.0)
                 off += k
             weight[numel:] = 0.0
-            if self.parts == 1:
-                weight /= size  # every dp rank holds the whole gradient: count each element once
-            sh = padded // self.parts
-            mine = slice(self.part * sh, (self.part + 1) * sh)
+            if parts == 1:
+                weight /= gsize  # every rank of the group holds the whole gradient: count each element once
+            sh = padded // parts
+            mine = slice(part * sh, (part + 1) * sh)
             local = None
             if stage == 3:  # never hold the whole bucket; with offload keep a pinned compute slice to copy from
                 if offload == "params":
@@ -180,7 +189,7 @@ class ZeroOptimizer(GradientSync):
                 master.data = master.data.pin_memory()
             self.zbuckets.append(_Bucket(names, offsets, numel, padded, flat, master,
                                          weight[mine].clone().to(master_device), local,
-                                         "free" if stage == 3 else "ready"))
+                                         "free" if stage == 3 else "ready", group=bgroup, parts=parts, part=part))
         super().__init__(params, buckets, group, size, expected=expected, always=True)
         if stage == 3:
             self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
@@ -195,21 +204,21 @@ class ZeroOptimizer(GradientSync):
             if p.grad is not None:
                 flat[o:o + p.numel()] = p.grad.reshape(-1).float()
                 p.grad = None  # the flat fp32 copy replaces it
-        flat.div_(self.size)
+        flat.div_(self.divisor)
         if self.stage == 3:  # every gradient of the bucket is in: backward no longer needs it
             self.release(i)
         if self.stage >= 2:
             out = torch.empty(b.shard, dtype=torch.float32, device=self.device)
-            work = C.reduce_scatter_(out, flat, self.group, async_op=True)
+            work = C.reduce_scatter_(out, flat, b.group, async_op=True)
             self._launched[i] = (work, out)
         else:
-            work = C.all_reduce_(flat, self.group, async_op=True)
+            work = C.all_reduce_(flat, b.group, async_op=True)
             self._launched[i] = (work, flat)
 
     def _complete(self, i: int, payload: torch.Tensor) -> None:
         b = self.zbuckets[i]
         if self.stage < 2:
-            payload = payload[self.part * b.shard:(self.part + 1) * b.shard]
+            payload = payload[b.part * b.shard:(b.part + 1) * b.shard]
         b.master.grad = payload.to(b.master.device, non_blocking=True)
 
     # ------------------------------------------------------------------ step
@@ -262,10 +271,10 @@ class ZeroOptimizer(GradientSync):
                 self.release(i)
                 continue
             mine = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)
-            if self.parts == 1:
+            if b.parts == 1:
                 b.flat.copy_(mine)
             else:
-                C.all_gather_(b.flat, mine, self.group)
+                C.all_gather_(b.flat, mine, b.group)
 
     # ------------------------------------------------------------------ stage 3: parameter residency
     def start(self, i: int) -> None:
@@ -282,7 +291,7 @@ class ZeroOptimizer(GradientSync):
         # autograd saved views of these parameters in an earlier forward; the gather restores exactly
         # the values they held, so it must not count as a modification
         with torch.autograd._unsafe_preserve_version_counter(flat):
-            b.work = C.all_gather_(flat, src, self.group, async_op=True)
+            b.work = C.all_gather_(flat, src, b.group, async_op=True)
         b.keep = [src]
         b.state = "pending"
         self.gathers += 1
@@ -356,7 +365,7 @@ class ZeroOptimizer(GradientSync):
             full = torch.zeros(b.padded, dtype=torch.float32)
             for n, o in zip(b.names, b.offsets):
                 full[o:o + self.params[n].numel()] = params[n].reshape(-1).float()
-            mine = slice(self.part * b.shard, (self.part + 1) * b.shard)
+            mine = slice(b.part * b.shard, (b.part + 1) * b.shard)
             b.master.data.copy_(full[mine].to(b.master.device))
             if self.stage == 3:
                 if b.local is not None:
@@ -387,10 +396,10 @@ class ZeroOptimizer(GradientSync):
             if mine is None:
                 return None
             full = torch.empty(b.padded, dtype=mine.dtype, device=self.device)
-            if self.parts == 1:
+            if b.parts == 1:
                 full.copy_(mine)
             else:
-                C.all_gather_(full, mine.to(self.device).contiguous(), self.group)
+                C.all_gather_(full, mine.to(self.device).contiguous(), b.group)
             i = b.names.index(name)
             o = b.offsets[i]
             return full[o:o + self.params[name].numel()].view(self.params[name].shape).cpu()

@@ -28,6 +28,11 @@ OPTS = ["sgd", "adamw"]
 PARITY_2 = [(m, o, {"ep": 2}) for m in MODELS for o in OPTS]
 PARITY_4 = [(m, o, d) for m in MODELS for o in OPTS for d in ({"ep": 4}, {"dp": 2, "ep": 2}, {"tp": 2, "ep": 2})]
 PIPE_4 = [("moe_gpt", "sgd", {"pp": 2, "ep": 2})]
+# ZeRO with experts split over ep: dense buckets over dp × ep, expert buckets over the dp ranks holding them
+ZERO_2 = [("moe_gpt", "sgd", {"ep": 2}, {"zero": 1}), ("moe_gpt", "adamw", {"ep": 2}, {"zero": 2}),
+          ("mixtral", "sgd", {"ep": 2}, {"zero": 2, "grad_clip": 0.5}), ("moe_gpt", "sgd", {"ep": 2}, {"zero": 3}),
+          ("mixtral", "adamw", {"ep": 2}, {"zero": 3})]
+ZERO_4 = [("moe_gpt", "sgd", {"dp": 2, "ep": 2}, {"zero": 2}), ("mixtral", "adamw", {"dp": 2, "ep": 2}, {"zero": 1})]
 CAPACITY = 1.0
 
 
@@ -109,12 +114,12 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def world2():
-    return autoshard.launch(run_all, 2, PARITY_2, [AUX_CASE, CAPACITY_CASE], device="cpu")[0]
+    return autoshard.launch(run_all, 2, PARITY_2 + ZERO_2, [AUX_CASE, CAPACITY_CASE], device="cpu")[0]
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return autoshard.launch(run_all, 4, PARITY_4 + PIPE_4, [], device="cpu")[0]
+    return autoshard.launch(run_all, 4, PARITY_4 + PIPE_4 + ZERO_4, [], device="cpu")[0]
 
 
 @functools.cache
@@ -432,9 +437,13 @@ def test_bad_capacity_factor(cf):
         _sm(_moe(), Mesh.virtual(ep=2), capacity_factor=cf)
 
 
-def test_ep_with_zero_is_refused():
-    with pytest.raises(PlanError, match="ep=2 cannot be combined yet with zero"):
-        _sm(_moe(), Mesh.virtual(dp=2, ep=2), zero=1)
+@pytest.mark.parametrize("case", ZERO_2 + ZERO_4, ids=[f"{m}-{o}-{_mesh_id(d)}-" + "-".join(f"{k}{v}" for k, v in x.items())
+                                                      for m, o, d, x in ZERO_2 + ZERO_4])
+def test_zero_with_experts(world2, world4, case):
+    kind, opt, deg, options = case
+    result = (world4 if len(deg) > 1 else world2)[repr(case)]
+    check(result, reference(kind, opt, grad_clip=options.get("grad_clip")), opt)
+    assert result["plan"]["zero"]["stage"] == options["zero"]
 
 
 def test_mesh_with_ep_needs_its_ranks(monkeypatch):
