@@ -813,7 +813,6 @@ class ShardedModule(torch.nn.Module):
         """Write a sharded, atomic checkpoint of model, optimizer, loss scaler, RNG and step (collective)."""
         from autoshard.runtime.checkpoint import save
 
-        self._no_expert_checkpoints()
         save(self, path)
 
     # ------------------------------------------------------------------ checkpoint state
@@ -843,6 +842,10 @@ class ShardedModule(torch.nn.Module):
                 optim[n] = {k: v.detach().cpu().clone() for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
             scalars[n] = {k: float(v) for k, v in st.items() if not (isinstance(v, torch.Tensor) and v.dim() > 0)
                           and isinstance(v, (int, float, torch.Tensor))}
+            if self._ep_key is not None and self._ep_plan.is_expert(n):  # [experts] whole over ep, as ep=1 holds it
+                shape = list(self.plan.params[n].local_shape)
+                params[n] = self._gather_experts(n, params[n].to(self.mesh.device), shape).cpu()
+                optim[n] = {k: self._gather_experts(n, v.to(self.mesh.device), shape).cpu() for k, v in optim[n].items()}
         return {
             "params": params, "optim": optim, "optim_scalars": scalars,
             "loss_scaler": self._zero.scaler.state_dict() if self._zero is not None and self._zero.scaler else None,
@@ -853,11 +856,17 @@ class ShardedModule(torch.nn.Module):
 
     @torch.no_grad()
     def load_local_training_state(self, state: dict[str, Any]) -> None:
-        """Inverse of :meth:`local_training_state` (this rank's tp shards, whole over dp)."""
-        self._no_expert_checkpoints()
+        """Inverse of :meth:`local_training_state` (this rank's tp shards, whole over dp and ep)."""
         missing = [n for n in self._params if n not in state["params"]]
         if missing:
             raise KeyError(f"the state has no values for {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        if self._ep_key is not None:  # [experts] this ep rank's experts out of the whole
+            ep = self.mesh.coord("ep")
+            state = dict(state, params=dict(state["params"]), optim=dict(state["optim"]))
+            for n in self._params:
+                if self._ep_plan.is_expert(n):
+                    state["params"][n] = self._ep_plan.local(n, state["params"][n], ep)
+                    state["optim"][n] = {k: self._ep_plan.local(n, v, ep) for k, v in state["optim"].get(n, {}).items()}
         for n, p in self._params.items():
             if tuple(state["params"][n].shape) != tuple(p.shape):
                 raise ValueError(f"{n}: the state holds shape {tuple(state['params'][n].shape)}, this rank needs "
@@ -967,14 +976,6 @@ class ShardedModule(torch.nn.Module):
                     raise PlanError(f"{layer.name} {layer.unrecognised}: its experts cannot be placed over "
                                     f"ep={self.mesh.size('ep')}; use ep=1 (dp) for this model")
         return apply_expert_parallel(gm, self._ep_plan, self._ep_key)
-
-    def _no_expert_checkpoints(self) -> None:
-        if self._ep_key is not None:
-            from autoshard.runtime.errors import CheckpointError
-
-            raise CheckpointError(f"checkpoints of a module with experts split over ep={self.mesh.size('ep')} are not "
-                                  "supported yet (each ep rank holds different experts); gather the weights with "
-                                  "full_state_dict(), or train with ep=1 to save checkpoints")
 
     def _expert_notes(self) -> list[str]:
         return [f"{ly.name}: mixture-of-experts layer left to the model's own code: it {ly.unrecognised}"

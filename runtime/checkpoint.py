@@ -387,7 +387,7 @@ def _assemble(path: str, manifest: dict, sm: ShardedModule) -> dict[str, Any]:
     scalars: dict[str, dict[str, float]] = {}
     for n, (sources, *layouts) in recipe.items():
         states = [loaded[k] for k in sources]
-        local = tuple(sm._params[n].shape)
+        local = tuple(sm.plan.params[n].local_shape)  # the tp shard, whole over dp and ep
         params[n] = _rebuild([s["params"][n] for s in states], layouts, new_tp, my_tp, full_shapes[n], local,
                              f"{n!r} in {path}")
         optim[n] = {}
