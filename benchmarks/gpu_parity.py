@@ -26,6 +26,12 @@ if __name__ == "__main__":
               ("gpt", "adamw", {"pp": 2, "dp": 2}, {"zero": 3, "microbatches": 4})]
     if len(sys.argv) > 1 and sys.argv[1] == "--zero3-only":
         cases = [c for c in cases if c[3].get("zero") == 3]
+    if len(sys.argv) > 1 and sys.argv[1] == "--experts":  # expert parallelism, with ZeRO (4 GPUs; 2 with --two)
+        cases = [("moe_gpt", "sgd", {"ep": 4}, {}), ("moe_gpt", "adamw", {"ep": 4}, {"zero": 2}),
+                 ("mixtral", "adamw", {"dp": 2, "ep": 2}, {"zero": 3}), ("moe_gpt", "sgd", {"dp": 2, "ep": 2}, {"zero": 1})]
+        if "--two" in sys.argv:
+            cases = [("moe_gpt", "sgd", {"ep": 2}, {}), ("moe_gpt", "adamw", {"ep": 2}, {"zero": 2}),
+                     ("mixtral", "adamw", {"ep": 2}, {"zero": 3}), ("moe_gpt", "sgd", {"ep": 2}, {"zero": 1})]
     failures = 0
     for kind, opt, degrees, options in cases:
         result = sharded(kind, opt, degrees, **options)
