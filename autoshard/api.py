@@ -475,14 +475,15 @@ class ShardedModule(torch.nn.Module):
         ``optimizer``: fp32 masters and Adam's two moments (12Ψ / N_d; 8Ψ without the ZeRO path,
         whose parameters are the masters). ``reduce_buffers``: fp32 bucket copies being reduced at
         once. Stage 3 adds ``params_gathered``: the buckets gathered at once. Ψ = this rank's
-        parameter elements (its tensor-parallel shards and pipeline stages).
+        parameter elements (its tensor-parallel shards, pipeline stages and experts).
         """
         if split is None:
             names = list(layouts)
         else:
             me = self.mesh.coord("pp")
             names = sorted({n for s in range(split.num_stages) if self.schedule.rank_of(s) == me for n in split.params[s]})
-        psi = sum(math.prod(layouts[n].local_shape) for n in names)
+        # this rank's own tensors: tp shards, pipeline stages and, with ep, only its experts
+        psi = sum(self._params[n].numel() if n in self._params else math.prod(layouts[n].local_shape) for n in names)
         dp = self.mesh.size("dp")
         c = 4 if self._precision == "fp32" else 2
         stage = self._zero_stage

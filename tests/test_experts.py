@@ -472,3 +472,11 @@ def test_mesh_with_ep_needs_its_ranks(monkeypatch):
     assert (mesh.coord("dp"), mesh.coord("ep"), mesh.coord("tp")) == (1, 0, 1)
     assert (mesh.data_size, mesh.data_rank) == (4, 2)
     assert mesh.data_group().size == 4
+
+
+def test_memory_estimate_counts_only_this_ranks_experts():
+    model = _moe()
+    experts = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    whole = _sm(_moe(), Mesh.virtual(ep=1, dp=2, rank=0)).plan.memory["params"]
+    split = _sm(_moe(), Mesh.virtual(ep=2, rank=0)).plan.memory["params"]
+    assert experts > 0 and whole - split == 4 * experts // 2  # fp32: half the experts' bytes live elsewhere
