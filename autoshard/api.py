@@ -207,13 +207,6 @@ def _microbatches(tree: Any, batch: int, m: int) -> list[Any]:
     return [cut(i) for i in range(m)]
 
 
-_aten = torch.ops.aten
-_VIEW_OPS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.transpose.int,
-             _aten.permute.default, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
-             _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int, _aten.alias.default,
-             _aten.detach.default, _aten.split.Tensor, _aten.split_with_sizes.default}
-
-
 class ShardedModule(torch.nn.Module):
     """One rank's share of a model sharded by autoshard. Train with :meth:`train_step`."""
 

@@ -70,6 +70,7 @@ from autoshard.runtime.errors import AutoshardError, PlanError
 from autoshard.runtime.hardware import HardwareProfile
 
 from .capture import capture
+from .memory import VIEW_OPS
 from .tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 
 aten = torch.ops.aten
@@ -80,11 +81,7 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _MATMULS = {aten.linear.default, aten.mm.default, aten.addmm.default, aten.matmul.default, aten.bmm.default,
             aten.baddbmm.default}
 _ATTENTION = {aten.scaled_dot_product_attention.default}
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-          aten.permute.default, aten.t.default, aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim,
-          aten.squeeze.dims, aten.slice.Tensor, aten.select.int, aten.alias.default, aten.detach.default,
-          aten.split.Tensor, aten.split_with_sizes.default, aten.unflatten.int, aten.flatten.using_ints,
-          aten._assert_tensor_metadata.default}
+_VIEWS = VIEW_OPS | {aten.flatten.using_ints, aten._assert_tensor_metadata.default}  # free: no kernel, no traffic
 _COLLECTIVES = {C.all_reduce: "all_reduce", C.reduce_grad: "reduce_grad", C.all_gather: "all_gather",
                 C.scatter: "scatter"}
 

@@ -22,14 +22,8 @@ from torch.fx import GraphModule, Node
 
 from autoshard.runtime import zero as Z
 
+from .memory import VIEW_OPS
 from .pipeline_split import _block_of, find_blocks
-
-_aten = torch.ops.aten
-# ops whose result shares the parameter's storage: a use through them is a use of the parameter
-_VIEWS = {_aten.view.default, _aten.reshape.default, _aten._unsafe_view.default, _aten.transpose.int,
-          _aten.permute.default, _aten.t.default, _aten.expand.default, _aten.unsqueeze.default,
-          _aten.squeeze.dim, _aten.squeeze.dims, _aten.slice.Tensor, _aten.select.int, _aten.alias.default,
-          _aten.detach.default, _aten.split.Tensor, _aten.split_with_sizes.default, _aten.unflatten.int}
 
 
 def gradient_order(gm: GraphModule, names: list[str]) -> list[str]:
@@ -103,7 +97,8 @@ def insert_param_gathers(gm: GraphModule, buckets: list[list[str]], aliases: dic
             param_view[node] = attr_bucket[node.target]
         elif node.op == "call_function":
             srcs = {param_view[a] for a in node.all_input_nodes if a in param_view}
-            if node.target in _VIEWS and len(srcs) == 1 and node.args and node.args[0] in param_view:
+            # a view shares the parameter's storage: a use through it is a use of the parameter
+            if node.target in VIEW_OPS and len(srcs) == 1 and node.args and node.args[0] in param_view:
                 param_view[node] = srcs.pop()
                 continue
             for b in srcs:

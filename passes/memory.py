@@ -25,10 +25,13 @@ from torch.fx import GraphModule, Node
 
 aten = torch.ops.aten
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
-          aten.permute.default, aten.t.default, aten.expand.default, aten.unsqueeze.default,
-          aten.squeeze.dim, aten.squeeze.dims, aten.slice.Tensor, aten.select.int, aten.alias.default,
-          aten.detach.default, aten.unflatten.int, aten.view_as.default, aten.contiguous.default}
+# ops whose result shares its input's storage: the one list the passes use (ZeRO-3 regions, cost model, here)
+VIEW_OPS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.transpose.int,
+                      aten.permute.default, aten.t.default, aten.expand.default, aten.unsqueeze.default,
+                      aten.squeeze.dim, aten.squeeze.dims, aten.slice.Tensor, aten.select.int, aten.alias.default,
+                      aten.detach.default, aten.split.Tensor, aten.split_with_sizes.default, aten.unflatten.int,
+                      aten.view_as.default})
+_VIEWS = VIEW_OPS | {aten.contiguous.default}  # a copy only when its input is not contiguous
 _IN, _OUT = "in", "out"
 
 
