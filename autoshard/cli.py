@@ -12,6 +12,7 @@ plan"), reported on stderr as ``autoshard: error: ...``.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -397,6 +398,13 @@ shards, run replicated, or fallen back), every parameter's placement and role,
 and the fallbacks with their reason and source line."""
 
 
+_BENCH_DESCRIPTION = """\
+Train one model under autoshard and under the systems people use instead, in one run, with the same
+data, precision (bf16 on GPUs) and optimizer (AdamW), and print tokens/s/GPU, MFU, peak memory and the
+ratio to the best peer. Runs under torchrun, or starts --nproc local ranks itself. Each system's
+first-step loss is printed too: they must agree, since every system computes the same function.
+A system that fails (out of memory) is reported and the run goes on."""
+
 _PLAN_DESCRIPTION = """\
 Plan how to parallelise MODEL on a cluster: mesh degrees (dp, tp, pp, ep),
 ZeRO stage, offload, micro-batches, pipeline schedule and activation
@@ -528,7 +536,92 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true", help="smaller, faster measurements")
     cal.add_argument("--json", action="store_true", help="print the profile as JSON")
     cal.set_defaults(func=_guarded(_calibrate))
+
+    b = sub.add_parser(
+        "bench", help="time autoshard and its peers (DDP, FSDP2, DTensor TP, compiled) on one model, in one run",
+        formatter_class=argparse.RawDescriptionHelpFormatter, description=_BENCH_DESCRIPTION,
+        epilog="examples:\n  autoshard bench --model 953m --nproc 4 --results benchmarks/results.json\n"
+               "  torchrun --nproc-per-node 4 -m autoshard bench --model 6.7b --systems fsdp2_compile,autoshard:zero=3\n"
+               "  autoshard bench --plot benchmarks/results.json -o benchmarks/results.png\n"
+               "  autoshard bench --report benchmarks/results.json\n"
+               "exit codes: 0 measured (or drawn), 1 every system failed, 2 usage error")
+    b.add_argument("--model", default="953m",
+                   help="953m, 6.7b (Llama-style), moe (MoE GPT, 8 experts top-2), tiny, tiny-moe (default 953m)")
+    b.add_argument("--systems", default=None, metavar="LIST",
+                   help="comma-separated: eager compile ddp ddp_compile fsdp2 fsdp2_compile tp tp_compile autoshard "
+                        "autoshard:K=V,... (default: every peer that applies, the automatic plan and named plans)")
+    b.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="ranks to start when not under torchrun (default: every visible GPU, or 2 CPU ranks)")
+    b.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when available")
+    b.add_argument("--batch", type=int, default=None, help="sequences per GPU (default: the model's)")
+    b.add_argument("--seq", type=int, default=None, help="sequence length (default: the model's)")
+    b.add_argument("--warmup", type=int, default=2, help="warm-up steps (compiled systems get 2 more; default 2)")
+    b.add_argument("--iters", type=int, default=6, help="timed steps, the median is reported (default 6)")
+    b.add_argument("--profile", action="store_true",
+                   help="also profile 2 steps of each system: matmul, attention, communication, fused, idle time")
+    b.add_argument("--results", default=None, metavar="FILE", help="append the records to this JSON list")
+    b.add_argument("--json", action="store_true", help="print the records as JSON")
+    b.add_argument("--commit", default=None, help="the commit to record (default: git, or $AUTOSHARD_COMMIT)")
+    b.add_argument("--plot", default=None, metavar="RESULTS",
+                   help="draw RESULTS (a results file) as a PNG (-o, default RESULTS with .png); runs nothing")
+    b.add_argument("--report", default=None, metavar="RESULTS",
+                   help="print RESULTS as Markdown tables, the latest figure of each system; runs nothing")
+    b.add_argument("-o", "--output", default=None, metavar="PATH", help="where --plot (or --report) writes")
+    b.set_defaults(func=_guarded(_bench))
     return p
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from autoshard import bench
+
+    if args.plot or args.report:
+        records = bench.load_results(args.plot or args.report)
+        if args.report:
+            text = bench.report(records)
+            if args.output and not args.plot:
+                with open(args.output, "w") as f:
+                    f.write(text + "\n")
+            else:
+                print(text)
+        if args.plot:
+            out = bench.plot(records, args.output or os.path.splitext(args.plot)[0] + ".png")
+            print(f"wrote {out}", file=sys.stderr)
+        return EXIT_OK
+    systems = bench.split_systems(args.systems or "")
+    for s in systems:  # fail on a bad name here, before any rank starts
+        bench.parse_system(s, args.nproc or max(1, _visible_gpus(args.device)) or 1)
+    cfg = bench.BenchConfig(model=args.model, systems=systems, batch=args.batch, seq=args.seq, warmup=args.warmup,
+                            iters=args.iters, device=args.device, profile=args.profile, commit=args.commit)
+    if args.model not in bench.MODELS:
+        raise bench.BenchError(f"unknown model {args.model!r}: choose from {', '.join(bench.MODELS)}")
+    records = bench.run(cfg, args.nproc)
+    if not records:  # a rank other than 0 under torchrun
+        return EXIT_OK
+    print()
+    print(bench.table(records))
+    if args.profile:
+        print("where a step's time goes (ms; device kernels by kind, which overlap; busy = any kernel running):")
+        print(bench.profile_table(records))
+    s = bench.summarize(records)
+    if s["ratio"]:
+        print(f"best autoshard system ({s['best_autoshard']}) = {s['ratio']:.2f}x the best peer ({s['best_peer']})")
+    if s["loss_spread"] > bench.loss_tolerance(records):
+        print(f"warning: the systems' first-step losses differ by {s['loss_spread']:.2e} (relative), more than "
+              f"{bench.loss_tolerance(records):.0e}: they do not all compute the same function", file=sys.stderr)
+    if args.results:
+        bench.append_results(args.results, records)
+        print(f"appended {len(records)} records to {args.results}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(records, indent=1))
+    return EXIT_FAILED if all(r.get("error") for r in records) else EXIT_OK
+
+
+def _visible_gpus(device: str | None) -> int:
+    import torch
+
+    if device == "cpu" or not torch.cuda.is_available():
+        return 2
+    return torch.cuda.device_count()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,30 +6,11 @@ MFU = tokens/s/GPU × (6N + 12·L·d·seq) FLOPs per token / 989 TFLOP/s (H100/H
 from __future__ import annotations
 
 import json
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-PEAK_FLOPS = 989e12
-
-
-def timed(step: Callable[[], object], warmup: int, iters: int) -> float:
-    """Median seconds of ``step`` after ``warmup`` calls, CUDA-synchronised, ranks aligned first."""
-    for _ in range(warmup):
-        step()
-    torch.cuda.synchronize()
-    if dist.is_initialized():
-        dist.barrier()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from autoshard.bench import PEAK_FLOPS, timed  # noqa: F401 - the one timing loop, shared with `autoshard bench`
 
 
 class Results:
