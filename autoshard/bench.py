@@ -250,8 +250,16 @@ _CATEGORIES = (  # first match wins; names of device kernels (CUDA) or of aten o
 )
 
 
+# autoshard's own Triton kernels (runtime/kernels), named after their module; block-sparse attention
+# counts as attention
+OUR_KERNELS = ("pointwise_", "rmsnorm_", "layernorm_", "softmax_", "rotary_", "swiglu_", "cross_entropy_",
+               "adamw")
+
+
 def classify(name: str) -> str:
     """The category of a kernel or op name: communication, attention, matmul, fused (triton), other."""
+    if name.startswith(OUR_KERNELS):
+        return "fused (triton)"
     for cat, pat in _CATEGORIES:
         if pat.search(name):
             return cat

@@ -163,3 +163,18 @@ def test_results_append_is_atomic_and_keeps_old_records(tmp_path):
     bench.append_results(str(path), [{"system": "b"}])
     assert [r["system"] for r in json.loads(path.read_text())] == ["a", "b"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]  # no temp file left behind
+
+
+def test_autoshard_triton_kernels_are_classified():
+    """Every Triton kernel of runtime/kernels is named after its module, so a profile can attribute it."""
+    import re
+    from pathlib import Path
+
+    src = Path(bench.__file__).resolve().parents[1] / "runtime" / "kernels"
+    names = [m.group(1) for f in src.glob("*.py")
+             for m in re.finditer(r"@triton\.jit\n\s*def (\w+)\(", f.read_text()) if not m.group(1).startswith("_")]
+    assert len(names) >= 15, names
+    for n in names:
+        want = "attention" if n.startswith("block_sparse") else "fused (triton)"
+        assert bench.classify(n) == want, n
+    assert bench.classify("pointwise_0123456789ab_fwd") == "fused (triton)"

@@ -239,7 +239,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def fwd(Q, K, V, OUT, LSE, ROW_PTR, COL_IDX, ORDER, qk_scale, T, D,
+    def block_sparse_fwd(Q, K, V, OUT, LSE, ROW_PTR, COL_IDX, ORDER, qk_scale, T, D,
             CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
             PREC: tl.constexpr):
         i = tl.load(ORDER + tl.program_id(0))
@@ -286,7 +286,7 @@ def _kernels():
         tl.store(LSE + tl.program_id(1).to(tl.int64) * T + offs_m, lse, mask=offs_m < T)
 
     @triton.jit
-    def bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, ORDER, qk_scale, sm_scale, T, D,
+    def block_sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, ORDER, qk_scale, sm_scale, T, D,
                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
             PREC: tl.constexpr):
         i = tl.load(ORDER + tl.program_id(0))
@@ -330,7 +330,7 @@ def _kernels():
                  mask=qmask)
 
     @triton.jit
-    def bwd_dkv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, ORDER, qk_scale, sm_scale, T, D,
+    def block_sparse_bwd_dkv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, ORDER, qk_scale, sm_scale, T, D,
                 CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
             PREC: tl.constexpr):
         j = tl.load(ORDER + tl.program_id(0))
@@ -376,7 +376,7 @@ def _kernels():
                  mask=kvmask)
         tl.store(DV + base + offs_n[:, None] * D + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kvmask)
 
-    return fwd, bwd_dq, bwd_dkv
+    return block_sparse_fwd, block_sparse_bwd_dq, block_sparse_bwd_dkv
 
 
 _LOG2E = 1.4426950408889634

@@ -46,7 +46,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def stats(X, T, MX, S, XT, V, vstart, stride, BLOCK: tl.constexpr):
+    def cross_entropy_stats(X, T, MX, S, XT, V, vstart, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = X + row.to(tl.int64) * stride
         cols = tl.arange(0, BLOCK)
@@ -66,7 +66,7 @@ def _kernels():
         tl.store(XT + row + one, tl.where(inside, xt, 0.0))
 
     @triton.jit
-    def grad(X, T, LSE, G, DX, V, vstart, stride, BLOCK: tl.constexpr):
+    def cross_entropy_grad(X, T, LSE, G, DX, V, vstart, stride, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         base = row.to(tl.int64) * stride
         out = row.to(tl.int64) * V
@@ -80,7 +80,7 @@ def _kernels():
             p = tl.exp(x - lse) - tl.where(c == t, 1.0, 0.0)
             tl.store(DX + out + c, (p * g).to(DX.dtype.element_ty), mask=c < V)
 
-    return stats, grad
+    return cross_entropy_stats, cross_entropy_grad
 
 
 def _block(v: int) -> int:

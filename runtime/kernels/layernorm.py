@@ -39,7 +39,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def fwd(X, R, W, B, Y, H, MEAN, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+    def layernorm_fwd(X, R, W, B, Y, H, MEAN, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
             HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -65,7 +65,7 @@ def _kernels():
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd(X, W, MEAN, RSTD, DY, DR, DX, DWP, DBP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
+    def layernorm_bwd(X, W, MEAN, RSTD, DY, DR, DX, DWP, DBP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
             HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0) * BLOCK_M
@@ -102,7 +102,7 @@ def _kernels():
         if HAS_B:
             tl.store(DBP + pid * N + cols, db, mask=cmask)
 
-    return fwd, bwd
+    return layernorm_fwd, layernorm_bwd
 
 
 class _LayerNorm(torch.autograd.Function):

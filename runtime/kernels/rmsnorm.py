@@ -48,7 +48,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def fwd(X, R, W, Y, H, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
+    def rmsnorm_fwd(X, R, W, Y, H, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
@@ -70,7 +70,7 @@ def _kernels():
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd(X, W, RSTD, DY, DR, DX, DWP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
+    def rmsnorm_bwd(X, W, RSTD, DY, DR, DX, DWP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0) * BLOCK_M
@@ -101,7 +101,7 @@ def _kernels():
         if HAS_W:
             tl.store(DWP + pid * N + cols, dw, mask=cmask)
 
-    return fwd, bwd
+    return rmsnorm_fwd, rmsnorm_bwd
 
 
 class _RMSNorm(torch.autograd.Function):

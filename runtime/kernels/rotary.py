@@ -33,7 +33,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def rotate(X, COS, SIN, Y, H, T, HALF, sb, sh, st, sign, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    def rotary_rotate(X, COS, SIN, Y, H, T, HALF, sb, sh, st, sign, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
         bh = tl.program_id(1)
         b = bh // H
         h = bh % H
@@ -50,7 +50,7 @@ def _kernels():
         tl.store(dst, (x1 * c - x2 * s).to(Y.dtype.element_ty), mask=mask)
         tl.store(dst + HALF, (x1 * s + x2 * c).to(Y.dtype.element_ty), mask=mask)
 
-    return rotate
+    return rotary_rotate
 
 
 def _launch(x4: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float, out_dtype: torch.dtype) -> torch.Tensor:

@@ -31,7 +31,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def fwd_tile(X, Y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def softmax_fwd_tile(X, Y, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -45,7 +45,7 @@ def _kernels():
         tl.store(Y + offs, (e / s[:, None]).to(Y.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def bwd_tile(Yp, DY, DX, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    def softmax_bwd_tile(Yp, DY, DX, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -56,7 +56,7 @@ def _kernels():
         tl.store(DX + offs, (y * (dy - c[:, None])).to(DX.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def fwd_loop(X, Y, N, BLOCK_N: tl.constexpr):
+    def softmax_fwd_loop(X, Y, N, BLOCK_N: tl.constexpr):
         base = tl.program_id(0).to(tl.int64) * N
         cols = tl.arange(0, BLOCK_N)
         mx = tl.full([BLOCK_N], -float("inf"), tl.float32)
@@ -76,7 +76,7 @@ def _kernels():
             tl.store(Y + base + start + cols, (tl.exp(x - top_safe) / total).to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def bwd_loop(Yp, DY, DX, N, BLOCK_N: tl.constexpr):
+    def softmax_bwd_loop(Yp, DY, DX, N, BLOCK_N: tl.constexpr):
         base = tl.program_id(0).to(tl.int64) * N
         cols = tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -92,7 +92,7 @@ def _kernels():
             dy = tl.load(DY + base + start + cols, mask=m, other=0.0).to(tl.float32)
             tl.store(DX + base + start + cols, (y * (dy - c)).to(DX.dtype.element_ty), mask=m)
 
-    return fwd_tile, bwd_tile, fwd_loop, bwd_loop
+    return softmax_fwd_tile, softmax_bwd_tile, softmax_fwd_loop, softmax_bwd_loop
 
 
 def _launch_fwd(x2: torch.Tensor, y2: torch.Tensor) -> None:

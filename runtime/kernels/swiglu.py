@@ -29,7 +29,7 @@ def _kernels():
     mark_built()
 
     @triton.jit
-    def fwd(A, B, Y, N, BLOCK: tl.constexpr):
+    def swiglu_fwd(A, B, Y, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
@@ -38,7 +38,7 @@ def _kernels():
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=m)
 
     @triton.jit
-    def bwd(A, B, DY, DA, DB, N, BLOCK: tl.constexpr):
+    def swiglu_bwd(A, B, DY, DA, DB, N, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         m = offs < N
         a = tl.load(A + offs, mask=m, other=0.0).to(tl.float32)
@@ -48,7 +48,7 @@ def _kernels():
         tl.store(DA + offs, (dy * b * s * (1.0 + a * (1.0 - s))).to(DA.dtype.element_ty), mask=m)
         tl.store(DB + offs, (dy * a * s).to(DB.dtype.element_ty), mask=m)
 
-    return fwd, bwd
+    return swiglu_fwd, swiglu_bwd
 
 
 def block_size() -> int:
