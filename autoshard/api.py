@@ -692,6 +692,9 @@ class ShardedModule(torch.nn.Module):
         if self.mesh.data_size > 1:
             g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
+        stepped = None
+        if self._zero is not None:  # checks the loss with the gradients: one host synchronisation per step
+            stepped = self._zero.step(loss=g)
         value = float(g)
         self._collect_expert_stats()  # [experts]
         sent = C.bytes_sent(f"mesh{self.mesh.id}.")
@@ -702,11 +705,9 @@ class ShardedModule(torch.nn.Module):
             self._last_comm["ep"] = sent.get(self._keys["ep"], 0.0)
         if not math.isfinite(value):
             self._skipped += 1
-            if self._zero is not None and self._zero.scaler is not None:
-                self._zero.scaler.update(True)
             warnings.warn(f"step {self._steps}: loss is {value}; optimizer step skipped on every rank", stacklevel=2)
         elif self._zero is not None:
-            if not self._zero.step():
+            if not stepped:
                 self._skipped += 1
         else:
             self.optimizer.step()

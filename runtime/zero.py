@@ -102,7 +102,7 @@ class _Bucket:
     padded: int  # multiple of dp
     flat: torch.Tensor  # compute dtype, on device: the parameters are views into it
     master: torch.nn.Parameter  # fp32 slice this rank owns (device or CPU)
-    grad_weight: torch.Tensor | None = None  # per-element weight for the global norm (1/replication)
+    grad_weight: torch.Tensor | None = None  # per-element weight for the global norm (1/replication); None: uniform
     local: torch.Tensor | None = None  # stage 3: this rank's slice of ``flat`` in the compute dtype
     state: str = "ready"  # stage 3: "free" (storage released), "pending" (gather in flight), "ready"
     work: object | None = None
@@ -110,6 +110,7 @@ class _Bucket:
     group: str = ""  # the ranks that share this bucket (reduce, partition, gather over them)
     parts: int = 1  # slices the bucket is cut into (1 at stage 0)
     part: int = 0  # which slice this rank owns
+    norm_scale: float = 1.0  # the weight of every element when ``grad_weight`` is None
 
     @property
     def shard(self) -> int:
@@ -187,9 +188,14 @@ class ZeroOptimizer(GradientSync):
             master = torch.nn.Parameter(full32[mine].clone().to(master_device))
             if master_device.type == "cpu" and device.type == "cuda":
                 master.data = master.data.pin_memory()
+            w = weight[mine]
+            live = w[w != 0]  # padding has weight 0, and its gradient is 0 too
+            uniform = live.numel() == 0 or bool((live == live[0]).all())
+            w = None if uniform else w.clone().to(master_device)  # most buckets: one scalar weight
             self.zbuckets.append(_Bucket(names, offsets, numel, padded, flat, master,
-                                         weight[mine].clone().to(master_device), local,
-                                         "free" if stage == 3 else "ready", group=bgroup, parts=parts, part=part))
+                                         w, local,
+                                         "free" if stage == 3 else "ready", group=bgroup, parts=parts, part=part,
+                                         norm_scale=float(live[0]) if uniform and live.numel() else 0.0))
         super().__init__(params, buckets, group, size, expected=expected, always=True)
         if stage == 3:
             self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
@@ -222,10 +228,12 @@ class ZeroOptimizer(GradientSync):
         b.master.grad = payload.to(b.master.device, non_blocking=True)
 
     # ------------------------------------------------------------------ step
-    def step(self) -> bool:
+    def step(self, loss: torch.Tensor | None = None) -> bool:
         """Unscale, check, clip, update the masters, gather them into the compute buffers.
 
-        Returns False when the step was skipped (fp16 overflow).
+        ``loss`` (the step's global loss, on the device) joins the finiteness check, so the caller
+        reads it after this step's one host synchronisation instead of adding a second one.
+        Returns False when the step was skipped (a non-finite gradient or loss; fp16 overflow).
         """
         grads = [b.master.grad for b in self.zbuckets]
         if self.offload is not None and self.device.type == "cuda":
@@ -233,11 +241,18 @@ class ZeroOptimizer(GradientSync):
         if self.scaler is not None:
             for g in grads:
                 g.div_(self.scaler.scale)
-        # accumulate where the gradients live; one copy to the host per step, not two per bucket
-        sq = torch.zeros(2, dtype=torch.float64, device=grads[0].device if grads else self.device)
-        for b, g in zip(self.zbuckets, grads):
-            sq[0] += (g.double() ** 2 * b.grad_weight.double()).sum()
-            sq[1] += (~torch.isfinite(g)).sum()
+        # Σ weight·g² over every bucket, one fp32 pass per bucket (a norm); a NaN or inf anywhere makes
+        # the sum non-finite, so the same pass is the overflow check. One copy to the host per step.
+        where = grads[0].device if grads else self.device
+        parts = [torch.linalg.vector_norm(g, dtype=torch.float32).square() * b.norm_scale
+                 for b, g in zip(self.zbuckets, grads) if b.grad_weight is None]
+        parts += [(g.float().square() * b.grad_weight).sum()
+                  for b, g in zip(self.zbuckets, grads) if b.grad_weight is not None]
+        total = torch.stack(parts).sum().double() if parts else torch.zeros((), dtype=torch.float64, device=where)
+        bad = (~torch.isfinite(total)).double()
+        if loss is not None:
+            bad = bad + (~torch.isfinite(loss.detach())).double().to(where)
+        sq = torch.stack([torch.nan_to_num(total, nan=0.0, posinf=0.0), bad])
         if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
             sq = sq.to(self.device)
             dist.all_reduce(sq)
