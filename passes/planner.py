@@ -101,10 +101,11 @@ class SearchSpace:
 
 
 def runtime_space(fixed: dict[str, Any] | None = None) -> SearchSpace:
-    """The choices this version's runtime executes: no activation checkpointing yet, ep only once supported."""
+    """The choices this version's runtime executes (activation checkpointing included; ep once supported).
+    ``fixed["k"]`` pins the checkpointed blocks per pipeline rank (clipped to the blocks a rank has)."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
 
-    return SearchSpace(checkpointing=False, expert_parallel="ep" in SUPPORTED_DIMS,
+    return SearchSpace(checkpointing=True, expert_parallel="ep" in SUPPORTED_DIMS,
                        fixed=tuple(sorted((fixed or {}).items(), key=lambda kv: kv[0])))
 
 
@@ -441,7 +442,10 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
         raise InfeasiblePlanError(f"no mesh of {gpus} GPUs is possible for this model: {why}")
     arr = rows.arrays()
     model = cm.compile_model(precision, prefetch)
-    if space.checkpointing:
+    if space.pinned("k") is not None:  # the caller's count of checkpointed blocks, as far as a rank has them
+        nb_max = np.maximum.reduce([arr[f"nb_{kk}"] for kk in cm.KINDS])
+        arr["k"] = np.minimum(float(space.pinned("k")), nb_max)
+    elif space.checkpointing:
         _solve_checkpointing(model, arr, budget)
     times, mems = _evaluate(model, arr)
     peak, worst = _peak(mems)
@@ -516,12 +520,11 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
 
 def _runnable(k: int, ep: int) -> tuple[bool, str]:
     """Whether this version's runtime executes the plan (the planner models more than the runtime runs):
-    ZeRO 0-3, both offloads and every searched schedule run; activation checkpointing does not yet."""
+    ZeRO 0-3, both offloads, every searched schedule and activation checkpointing (``k`` blocks per
+    pipeline rank, ``autoshard(..., activation_checkpointing=k)``) run."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
 
     why = []
-    if k:
-        why.append("activation checkpointing is not in the runtime yet")
     if ep > 1 and "ep" not in SUPPORTED_DIMS:
         why.append("expert parallelism (ep) is not in the runtime yet")
     return (not why, "; ".join(why))
