@@ -250,7 +250,7 @@ def checkpointing_lines(ck: dict[str, Any]) -> list[str]:
     for b in ck.get("blocks", []):
         coll = ", ".join(b["recomputed_collectives"]) or "none"
         lines.append(f"  {b['block']:<20} {b['node']:<28} {b['ops']} ops, {b['inputs']} activations and "
-                     f"{b['params']} parameters in, {b['outputs']} out; collectives recomputed: {coll}")
+                     f"{b['params']} parameters in, {b['outputs']} out; collective nodes rerun: {coll}")
     return lines
 
 

@@ -352,6 +352,8 @@ def test_planner_pins_and_runtime_space(tight):
     assert everything.checkpoint_blocks == 4  # clipped to the blocks a rank has
     budget, p = tight
     assert p.checkpoint_blocks > 0 and p.runnable and p.memory_per_gpu_bytes <= budget * GiB
+    # memory binds: the fastest plan is named as it is without recomputation, and does not fit
+    assert p.binding.startswith("memory: the fastest plan (") and " ckpt=" not in p.binding.split(")")[0]
 
 
 def test_mesh_auto_under_a_tight_budget_checkpoints_and_trains(world2, tight):
