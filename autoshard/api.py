@@ -19,6 +19,14 @@ import torch.distributed as dist
 from torch.fx import GraphModule
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from autoshard.passes.activation_checkpoint import (
+    blocks_in,
+    checkpoint_blocks,
+    choose_blocks,
+    find_blocks,
+    parse_spec,
+    recompute_bytes,
+)
 from autoshard.passes.capture import capture
 from autoshard.passes.data_parallel import block_buckets, block_of_params, gradient_order, insert_param_gathers
 from autoshard.passes.expert_parallel import apply_expert_parallel, find_moe_layers, plan_expert_parallel
@@ -60,6 +68,7 @@ def autoshard(
     capacity_factor: float | None = None,
     fuse: bool | None = None,
     attention: str | None = None,
+    activation_checkpointing: None | str | int | list[str] = None,
 ) -> ShardedModule:
     """Shard ``model`` over ``mesh`` and return a module that trains it.
 
@@ -98,6 +107,10 @@ def autoshard(
             ``scaled_dot_product_attention`` (causal or not; no mask, no dropout) by block-sparse attention
             over that layout (``stride=``, ``seed=`` too; see runtime/kernels/block_sparse.py). ``plan.attention``
             lists the layout, the nodes replaced and those left dense with the reason.
+        activation_checkpointing: blocks whose forward is recomputed in backward, keeping only their
+            inputs (passes/activation_checkpoint.py): ``None`` (off), ``"all"``, an int ``k`` (the first
+            ``k`` blocks of each pipeline rank) or a list of block names (``["model.layers.0", ...]``).
+            ``plan.checkpointing`` records the blocks; ``plan.memory["activations"]`` counts the saving.
     """
     if getattr(mesh, "is_auto", False):  # Mesh.auto(): the planner chooses degrees and options (autoshard/auto.py)
         from .auto import plan_and_build
@@ -108,9 +121,13 @@ def autoshard(
                              schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
                              split_points=split_points, zero=zero, offload=offload, precision=precision,
                              grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
-                             fuse=fuse, attention=attention)
+                             fuse=fuse, attention=attention, activation_checkpointing=activation_checkpointing)
     except CaptureError as e:  # [zoo] no graph: the unmodified module under data parallelism, with a warning
         from .eager import eager_data_parallel
+
+        if activation_checkpointing is not None:
+            raise CaptureError(f"{e}\nactivation_checkpointing={activation_checkpointing!r} rewrites the captured "
+                               "graph, and this model has none: drop it, or make the model capturable.") from e
 
         return eager_data_parallel(model, mesh, e, zero=zero, precision=precision, offload=offload,
                                    grad_clip=grad_clip, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb)
@@ -215,8 +232,11 @@ class ShardedModule(torch.nn.Module):
                  virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
                  offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None,
                  prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None,
-                 attention: str | None = None) -> None:
+                 attention: str | None = None, activation_checkpointing: None | str | int | list[str] = None) -> None:
         super().__init__()
+        self._ckpt_spec = parse_spec(activation_checkpointing)  # bad values: PlanError before any capture
+        self._ckpt_stages: list[list[int]] | None = None  # blocks each stage checkpoints (decided once)
+        self._ckpt_record: dict[str, Any] = {}
         if zero not in (0, 1, 2, 3):
             raise PlanError(f"zero={zero!r}: choose 0 (none), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)")
         if precision not in DTYPES:
@@ -386,6 +406,7 @@ class ShardedModule(torch.nn.Module):
             memory=memory,
             fusions=self._fusions,
             attention=self._attention_report,
+            checkpointing=self._ckpt_record,
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
                 "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
@@ -440,11 +461,15 @@ class ShardedModule(torch.nn.Module):
         What the graph saves, its floating outputs, and — when ``loss_fn`` runs outside the graph —
         an fp32 copy of the largest output and its gradient (a cross-entropy over logits upcasts
         them). A pipeline rank holds the activations of as many microbatches as the schedule keeps
-        in flight (from the simulator).
+        in flight (from the simulator). A checkpointed block counts its inputs, plus, once, the largest
+        checkpointed block's own activations, which its recompute holds during backward.
         """
         graphs = list(program.runner.stages.values()) if isinstance(program, _Piped) else [full_gm]
         params = set(self._tp_plan.layouts)
         total = 0
+        # a checkpointed block keeps only its inputs (counted by saved_activation_bytes); while backward
+        # recomputes it, that one block's activations are alive once more, whatever the microbatches in flight
+        recompute = max((recompute_bytes(g, params, self._tp) for g in graphs), default=0)
         for g in graphs:
             r = saved_activation_bytes(g, params, self._tp)
             total += r["saved"] + r["outputs"]
@@ -456,7 +481,7 @@ class ShardedModule(torch.nn.Module):
                 total += 2 * 4 * biggest
         if isinstance(program, _Piped):
             total *= self.schedule.simulate().peak_inflight[self.mesh.coord("pp")]
-        return int(total)
+        return int(total + recompute)
 
     def _memory_estimate(self, layouts, split) -> dict[str, int]:
         """Predicted bytes on this rank, term by term.
@@ -569,7 +594,9 @@ class ShardedModule(torch.nn.Module):
 
             gm, report = fuse_graph(gm)
             self._fusions = self._fusions or report
+        prefix, num_blocks = find_blocks(gm)
         if self._pp == 1:
+            self._checkpoint(prefix, num_blocks, {0: gm}, [gm], [0])
             self._bind(gm, list(self._tp_plan.layouts))
             return gm, gm, collectives, None
         sched = self.schedule
@@ -578,6 +605,7 @@ class ShardedModule(torch.nn.Module):
             self._split_points = [f"{split.block_prefix}.{b[0]}" for b in split.stage_blocks[1:]]
         me = self.mesh.coord("pp")
         stages = {s: split.stages[s] for s in range(sched.num_stages) if sched.rank_of(s) == me}
+        self._checkpoint(prefix, num_blocks, stages, split.stages, [sched.rank_of(s) for s in range(sched.num_stages)])
         for s, g in stages.items():
             self._bind(g, split.params[s])
         runner = PipelineRunner(
@@ -591,6 +619,24 @@ class ShardedModule(torch.nn.Module):
         except (AttributeError, IndexError, TypeError):
             keys = None
         return _Piped(runner, keys, out_spec), gm, collectives, split
+
+    def _checkpoint(self, prefix: str, num_blocks: int, mine: dict[int, GraphModule], all_stages: list[GraphModule],
+                    stage_rank: list[int]) -> None:
+        """Activation checkpointing: choose the blocks of every stage (once, the same on every rank), then
+        rewrite this rank's stage graphs so those blocks recompute their forward in backward."""
+        if self._ckpt_spec is None:
+            return
+        if self._ckpt_stages is None:
+            stage_blocks = [blocks_in(g, prefix) for g in all_stages]
+            self._ckpt_stages = choose_blocks(self._ckpt_spec, prefix, num_blocks, stage_blocks, stage_rank)
+            self._ckpt_record = {
+                "spec": self._ckpt_spec,
+                "stages": [[f"{prefix}.{b}" for b in bs] for bs in self._ckpt_stages],
+            }
+        for s, g in mine.items():
+            report = checkpoint_blocks(g, self._ckpt_stages[s], prefix)
+            if self._pp == 1 and "blocks" not in self._ckpt_record:  # the same graph on every rank: recorded
+                self._ckpt_record["blocks"] = report
 
     def _p2p_groups(self) -> dict[str, object]:
         """One process group per direction of pipeline traffic (see runtime/pipeline.py), made once."""

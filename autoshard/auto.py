@@ -9,8 +9,11 @@ plan fingerprint check in ``ShardedModule`` would catch a divergence anyway.
 With ``Mesh.auto()``, ``example_inputs`` is the **global** batch of one optimizer step (before
 knowing ``dp`` nobody can cut it); feed each rank ``sm.mesh.data_rank``'s slice of
 ``sm.mesh.data_size`` afterwards, as with a fixed mesh. Options left at their defaults (``zero=0``,
-``offload=None``, ``schedule="1f1b"``, ``microbatches=None``, ``virtual_stages=1``) are the
-planner's to choose; any other value pins that choice. ``precision`` is always the caller's.
+``offload=None``, ``schedule="1f1b"``, ``microbatches=None``, ``virtual_stages=1``,
+``activation_checkpointing=None``) are the planner's to choose; any other value pins that choice
+(``activation_checkpointing``: an int ``k`` or ``"all"``; a list of names needs a fixed mesh).
+``precision`` is always the caller's. The planner's ``checkpoint_blocks`` (the smallest ``k`` that
+fits the budget) becomes ``activation_checkpointing=k``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,20 @@ from autoshard.runtime.errors import PlanError
 from autoshard.runtime.hardware import AutoMesh, detect_profile, get_profile
 from autoshard.runtime.mesh import Mesh
 
-_DEFAULTS = {"zero": 0, "offload": None, "schedule": "1f1b", "microbatches": None, "virtual_stages": 1}
+_DEFAULTS = {"zero": 0, "offload": None, "schedule": "1f1b", "microbatches": None, "virtual_stages": 1,
+             "activation_checkpointing": None}
+_ALL_BLOCKS = 1 << 20  # "all": more blocks than any rank has (the planner clips k to each rank's blocks)
+
+
+def _pin_checkpointing(value: Any) -> int:
+    """``activation_checkpointing=`` given with ``Mesh.auto()``: the planner's ``k`` it pins."""
+    if value == "all":
+        return _ALL_BLOCKS
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    raise PlanError(f"activation_checkpointing={value!r} with Mesh.auto(): pass None (the planner chooses), 'all' or "
+                    "an int k (blocks per pipeline rank); a list of block names needs a fixed mesh, "
+                    "e.g. Mesh(dp=...)")
 
 
 def _as_tuple_dict(inputs: Any) -> tuple[tuple, dict]:
@@ -62,6 +78,8 @@ def plan_for(auto: AutoMesh, model: torch.nn.Module, example_inputs: Any, *, pre
     pins = {k: v for k, v in options.items() if k in _DEFAULTS and v != _DEFAULTS[k]}
     if "microbatches" in pins:
         pins["microbatches"] = int(pins["microbatches"])
+    if "activation_checkpointing" in pins:
+        pins["k"] = _pin_checkpointing(pins.pop("activation_checkpointing"))
     return plan(analysis, auto.world_size, profile, memory_gib=auto.memory_gib, gpus_per_node=auto.gpus_per_node,
                 space=runtime_space(pins))
 
@@ -125,6 +143,10 @@ def resolve(auto: AutoMesh, model: torch.nn.Module, example_inputs: Any, *, prec
         "schedule": decision.schedule or options.get("schedule", "1f1b"),
         "microbatches": decision.microbatches if d["pp"] > 1 else None,
         "virtual_stages": decision.virtual_stages if d["pp"] > 1 else 1,
+        # the planner's k (blocks per pipeline rank); "all" stays "all" (k was clipped per rank)
+        "activation_checkpointing": (options["activation_checkpointing"]
+                                     if options.get("activation_checkpointing") == "all"
+                                     else decision.checkpoint_blocks or None),
     }
     return mesh, local, chosen, decision
 

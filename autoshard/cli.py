@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--fix", default=None, metavar="CHOICES",
                     help="pin choices, e.g. 'tp=8,zero=1' (keys dp, tp, pp, ep, zero, offload, microbatches, schedule)")
     pl.add_argument("--runtime-only", action="store_true",
-                    help="only plans this autoshard runs today (no activation checkpointing yet)")
+                    help="only plans this autoshard runs today")
     pl.add_argument("--top", type=int, default=5, metavar="K", help="alternatives to report (default 5)")
     out = pl.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print the plan as JSON (mesh, zero, microbatches, "

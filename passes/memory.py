@@ -23,6 +23,8 @@ from collections.abc import Callable
 import torch
 from torch.fx import GraphModule, Node
 
+from autoshard.runtime.recompute import checkpoint_block
+
 aten = torch.ops.aten
 
 # ops whose result shares its input's storage: the one list the passes use (ZeRO-3 regions, cost model, here)
@@ -93,6 +95,8 @@ SAVES: dict[object, Callable[[Node, Callable[[object], bool]], list]] = {
     aten.index.Tensor: lambda n, rg: [],
     aten.gather.default: lambda n, rg: _args(n, 2),
 }
+# a checkpointed block (passes/activation_checkpoint.py) keeps its tensor inputs, nothing made inside it
+SAVES[checkpoint_block] = lambda n, rg: [a for a in n.args[1:] if isinstance(a, Node)]
 for _op in _NOTHING:
     SAVES[_op] = lambda n, rg: []
 for _name in ("rms_norm",):
@@ -140,6 +144,9 @@ def saved_activation_bytes(gm: GraphModule, params: set[str], tp: int = 1,
             continue
         if node.op == "placeholder":
             requires[node] = floating(node)  # received activations (pipeline stages) need gradients
+            if node.meta.get("autoshard_param") is not None:  # a parameter passed in (checkpointed blocks)
+                requires[node] = node.meta["autoshard_param"] in params
+                param_nodes.add(node)
             continue
         if node.op != "call_function":
             continue

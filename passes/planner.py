@@ -101,10 +101,11 @@ class SearchSpace:
 
 
 def runtime_space(fixed: dict[str, Any] | None = None) -> SearchSpace:
-    """The choices this version's runtime executes: no activation checkpointing yet, ep only once supported."""
+    """The choices this version's runtime executes (activation checkpointing included; ep once supported).
+    ``fixed["k"]`` pins the checkpointed blocks per pipeline rank (clipped to the blocks a rank has)."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
 
-    return SearchSpace(checkpointing=False, expert_parallel="ep" in SUPPORTED_DIMS,
+    return SearchSpace(checkpointing=True, expert_parallel="ep" in SUPPORTED_DIMS,
                        fixed=tuple(sorted((fixed or {}).items(), key=lambda kv: kv[0])))
 
 
@@ -441,7 +442,10 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
         raise InfeasiblePlanError(f"no mesh of {gpus} GPUs is possible for this model: {why}")
     arr = rows.arrays()
     model = cm.compile_model(precision, prefetch)
-    if space.checkpointing:
+    if space.pinned("k") is not None:  # the caller's count of checkpointed blocks, as far as a rank has them
+        nb_max = np.maximum.reduce([arr[f"nb_{kk}"] for kk in cm.KINDS])
+        arr["k"] = np.minimum(float(space.pinned("k")), nb_max)
+    elif space.checkpointing:
         _solve_checkpointing(model, arr, budget)
     times, mems = _evaluate(model, arr)
     peak, worst = _peak(mems)
@@ -458,7 +462,14 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
                                                       gpus, excluded))
     best = int(feasible[0])
     fastest = int(order[0])
-    binding = _binding(arr, mems, peak, step, fits, best, fastest, budget, space)
+    free = None
+    if arr["k"].any():  # memory made rows checkpoint: the fastest plan is the fastest without recomputation
+        arr0 = dict(arr, k=np.zeros_like(arr["k"]))
+        times0, mems0 = _evaluate(model, arr0)
+        peak0, _ = _peak(mems0)
+        fastest = int(np.lexsort((simple, np.round(peak0 / 2**20), np.round(times0["step"], 9)))[0])
+        free = (arr0, mems0, peak0, times0["step"])
+    binding = _binding(arr, mems, peak, step, fits, best, fastest, budget, space, free)
     alts = _alternatives(arr, step, peak, fits, best, order, alternatives)
     kind = cm.KINDS[int(worst[best])]
     tkind = cm.KINDS[int(np.argmax([times[f"tmb_{kk}"][best] for kk in cm.KINDS]))]
@@ -516,12 +527,11 @@ def plan(analysis: cm.ModelAnalysis, gpus: int, profile: HardwareProfile, *, mem
 
 def _runnable(k: int, ep: int) -> tuple[bool, str]:
     """Whether this version's runtime executes the plan (the planner models more than the runtime runs):
-    ZeRO 0-3, both offloads and every searched schedule run; activation checkpointing does not yet."""
+    ZeRO 0-3, both offloads, every searched schedule and activation checkpointing (``k`` blocks per
+    pipeline rank, ``autoshard(..., activation_checkpointing=k)``) run."""
     from autoshard.runtime.mesh import SUPPORTED_DIMS
 
     why = []
-    if k:
-        why.append("activation checkpointing is not in the runtime yet")
     if ep > 1 and "ep" not in SUPPORTED_DIMS:
         why.append("expert parallelism (ep) is not in the runtime yet")
     return (not why, "; ".join(why))
@@ -538,11 +548,17 @@ def _simulated_bubble(sched: str, pp: int, m: int, v: int, times: dict[str, np.n
     return float(sim.makespan - m * max(per_rank))
 
 
-def _binding(arr, mems, peak, step, fits, best: int, fastest: int, budget: float, space: SearchSpace) -> str:
-    if best == fastest:
+def _binding(arr, mems, peak, step, fits, best: int, fastest: int, budget: float, space: SearchSpace,
+             free: tuple | None = None) -> str:
+    """What keeps the chosen plan from being the fastest. ``free``: (arr, mems, peak, step) of the rows
+    without checkpointing, where ``fastest`` indexes them (memory may have made that row checkpoint)."""
+    fa, fm, fp, fs = free or (arr, mems, peak, step)
+    if best == fastest and arr["k"][best] == fa["k"][fastest]:
         spare = budget - peak[best]
         return f"none: the fastest plan fits, with {gib(spare)} per GPU to spare; it is bound by time, not memory"
-    gain = (step[best] - step[fastest]) / step[best]
+    arr, mems, peak = fa, fm, fp
+    gain = (step[best] - fs[fastest]) / step[best]
+    step = fs
     if peak[fastest] <= budget:
         return (f"host memory: the fastest plan ({_label(arr, fastest)}, {step[fastest] * 1e3:.4g} ms) offloads "
                 f"{gib(mems['host'][fastest])} per GPU to CPU memory, more than the profile's host memory; the chosen "

@@ -45,6 +45,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import collectives as C
 from .data_parallel import GradientSync
+from .recompute import recomputing
 
 _LAYERS: dict[str, MoeLayer] = {}
 _STATS: dict[str, dict[str, Any]] = {}
@@ -268,6 +269,8 @@ def read_stats(prefix: str) -> dict[str, dict[str, Any]]:
 
 
 def _record(key: str, routed: list[int], dropped: int) -> None:
+    if recomputing():  # a checkpointed block run again in backward: its tokens were counted in the forward
+        return
     st = _STATS.setdefault(key, {"routed": [0] * len(routed), "dropped": 0})
     st["routed"] = [a + b for a, b in zip(st["routed"], routed)]
     st["dropped"] += dropped

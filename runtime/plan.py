@@ -71,6 +71,7 @@ class Plan:
     experts: dict[str, Any] = field(default_factory=dict)  # ep degree, capacity factor, MoE layers and their experts
     fusions: dict[str, Any] = field(default_factory=dict)  # fused kernel regions and rejected candidates (fuse=True)
     attention: dict[str, Any] = field(default_factory=dict)  # block-sparse layout, replaced/refused sdpa nodes
+    checkpointing: dict[str, Any] = field(default_factory=dict)  # activation checkpointing: spec, blocks per stage
     version: int = PLAN_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -120,6 +121,8 @@ class Plan:
             d.pop("experts", None)  # likewise plans of models without experts
         if not d.get("attention"):
             d.pop("attention", None)  # and plans made without attention=...
+        if not d.get("checkpointing"):
+            d.pop("checkpointing", None)  # and without activation_checkpointing=...
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -137,6 +140,7 @@ class Plan:
             + (f"; {len(self.pipeline['stages'])} pipeline stages, {self.pipeline['schedule']}" if self.pipeline else "")
             + (f"; {len(self.fusions.get('regions', []))} fused kernel regions" if self.fusions else "")
             + (f"; {len(self.attention.get('replaced', []))} block-sparse attention nodes" if self.attention else "")
+            + (f"; {sum(map(len, self.checkpointing['stages']))} checkpointed blocks" if self.checkpointing else "")
         )
 
     def explain(self) -> str:
@@ -193,6 +197,8 @@ class Plan:
             lines += ["", *fusion_lines(self.fusions)]
         if self.attention:
             lines += ["", *attention_lines(self.attention)]
+        if self.checkpointing:
+            lines += ["", *checkpointing_lines(self.checkpointing)]
         if self.mesh.get("dp", 1) > 1:
             nb = len(self.dp_buckets)
             lines += ["", f"Data parallel (dp={self.mesh['dp']}): gradients averaged in {nb} buckets, "
@@ -229,6 +235,22 @@ def fusion_lines(fusions: dict[str, Any]) -> list[str]:
     lines.append(f"Not fused ({len(rejected)}):" if rejected else "Not fused: none")
     for r in rejected:
         lines.append(f"  {r['node']:<24} {r['op']:<26} {r['reason']}   [{r.get('source', '?')}]")
+    return lines
+
+
+def checkpointing_lines(ck: dict[str, Any]) -> list[str]:
+    """The activation checkpointing section of :meth:`Plan.explain`: the blocks of each stage, what reruns."""
+    stages = ck.get("stages", [])
+    lines = [f"Activation checkpointing ({ck.get('spec')!r}): {sum(map(len, stages))} blocks keep only their inputs "
+             "for backward and run their forward again when backward reaches them (same RNG state, so dropout "
+             "masks repeat; the collectives inside rerun in the forward's order on every rank)."]
+    for s, names in enumerate(stages):
+        where = f"stage {s}" if len(stages) > 1 else "blocks"
+        lines.append(f"  {where}: {', '.join(names) if names else 'none'}")
+    for b in ck.get("blocks", []):
+        coll = ", ".join(b["recomputed_collectives"]) or "none"
+        lines.append(f"  {b['block']:<20} {b['node']:<28} {b['ops']} ops, {b['inputs']} activations and "
+                     f"{b['params']} parameters in, {b['outputs']} out; collective nodes rerun: {coll}")
     return lines
 
 

@@ -78,11 +78,12 @@ def inputs(kind: str, tokens: torch.Tensor):
     return {"input_ids": tokens, "labels": tokens}, None, None
 
 
-def reference(kind: str, opt: str, grad_clip: float | None = None) -> tuple[list[float], dict[str, torch.Tensor]]:
+def reference(kind: str, opt: str, grad_clip: float | None = None,
+              steps: int = STEPS) -> tuple[list[float], dict[str, torch.Tensor]]:
     model = make_model(kind)
     optim = make_optimizer(opt)(list(model.parameters()))
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         inp, target, loss_fn = inputs(kind, batch(step))
         out = model(*inp) if isinstance(inp, tuple) else model(**inp)
         loss = loss_fn(out, target) if loss_fn else out.loss
@@ -95,7 +96,7 @@ def reference(kind: str, opt: str, grad_clip: float | None = None) -> tuple[list
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def sharded(kind: str, opt: str, degrees: dict[str, int], **options) -> dict | None:
+def sharded(kind: str, opt: str, degrees: dict[str, int], steps: int = STEPS, **options) -> dict | None:
     """Run in every rank of a launch; returns rank 0's losses, state dict and stats."""
     import autoshard
 
@@ -107,7 +108,7 @@ def sharded(kind: str, opt: str, degrees: dict[str, int], **options) -> dict | N
     sm = autoshard.autoshard(model, mesh, example_inputs=inp0, loss_fn=loss_fn, optimizer=make_optimizer(opt),
                              **options)
     losses = []
-    for step in range(STEPS):
+    for step in range(steps):
         inp, target, _ = inputs(kind, batch(step)[lo:lo + per])
         losses.append(sm.train_step(inp, target))
     sd = sm.full_state_dict()
