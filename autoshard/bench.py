@@ -19,7 +19,8 @@ system             what runs
 ``autoshard``      ``autoshard(model, Mesh.auto())``: the planner's choice
 ``autoshard:K=V``  a named plan, e.g. ``autoshard:zero=3`` or ``autoshard:tp=4`` or
                    ``autoshard:dp=2,tp=2,zero=1`` (keys: dp tp pp ep zero offload microbatches
-                   schedule prefetch fuse attention); dp defaults to what the other degrees leave
+                   schedule prefetch fuse attention checkpoint); dp defaults to what the other
+                   degrees leave; ``checkpoint=all`` or ``=K`` recomputes blocks in backward
 =================  =========================================================================
 
 Every system sees the global batch of ``batch × world`` sequences of one step: data-parallel
@@ -57,7 +58,8 @@ import torch.distributed as dist
 
 PEAK_FLOPS = 989e12  # dense bf16, H100/H200 SXM: the MFU denominator
 PEERS = ("eager", "compile", "ddp", "ddp_compile", "fsdp2", "fsdp2_compile", "tp", "tp_compile")
-PLAN_KEYS = ("dp", "tp", "pp", "ep", "zero", "offload", "microbatches", "schedule", "prefetch", "fuse", "attention")
+PLAN_KEYS = ("dp", "tp", "pp", "ep", "zero", "offload", "microbatches", "schedule", "prefetch", "fuse", "attention",
+             "checkpoint")
 
 # name → (architecture, sizes, sequences per GPU, sequence length)
 MODELS: dict[str, dict[str, Any]] = {
@@ -157,6 +159,8 @@ def parse_system(spec: str, world: int) -> tuple[str, dict[str, Any]]:
             raise BenchError(f"{spec!r}: unknown key {k!r} (keys: {', '.join(PLAN_KEYS)})")
         if k in ("offload", "schedule", "attention"):
             opts[k] = None if v in ("none", "None") else v
+        elif k == "checkpoint" and not v.isdigit():
+            opts[k] = None if v in ("none", "None") else v  # "all"
         elif k == "fuse":
             opts[k] = v.lower() in ("1", "true", "yes", "on")
         else:
@@ -483,6 +487,8 @@ def _setup_autoshard(ctx: _Ctx, opts: dict[str, Any]):
 
     kwargs = {k: opts[k] for k in ("zero", "offload", "microbatches", "schedule", "prefetch", "fuse", "attention")
               if k in opts}
+    if "checkpoint" in opts:
+        kwargs["activation_checkpointing"] = opts["checkpoint"]
     precision = "bf16" if ctx.bf16 else "fp32"
     optimizer = lambda ps: _adamw(ps, ctx.device)  # noqa: E731
     if not opts:  # the planner's choice, for the global batch
@@ -513,6 +519,8 @@ def describe_plan(sm: Any) -> str:
         parts.append(f"m={p.pipeline.get('microbatches')} {p.pipeline.get('schedule')}")
     if p.fusions:
         parts.append(f"{len(p.fusions.get('regions', []))} fused")
+    if p.checkpointing:
+        parts.append(f"checkpoint {sum(map(len, p.checkpointing['stages']))} blocks")
     if p.attention and p.attention.get("replaced"):
         density = p.attention["replaced"][0]["density"]
         parts.append(f"block-sparse attention ({100 * density:.1f}% of blocks)")
