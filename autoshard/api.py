@@ -741,7 +741,9 @@ class ShardedModule(torch.nn.Module):
         stepped = None
         if self._zero is not None:  # checks the loss with the gradients: one host synchronisation per step
             stepped = self._zero.step(loss=g)
-        value = float(g)
+            value = self._zero.last_loss  # read in that synchronisation, before the update was launched
+        else:
+            value = float(g)
         self._collect_expert_stats()  # [experts]
         sent = C.bytes_sent(f"mesh{self.mesh.id}.")
         self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),

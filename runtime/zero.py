@@ -151,6 +151,7 @@ class ZeroOptimizer(GradientSync):
         self.divisor = divisor or size
         self.scaler = DynamicLossScaler() if precision == "fp16" else None
         self.last_grad_norm = float("nan")
+        self.last_loss = float("nan")  # the loss passed to the last step(), read with its one host copy
         self.zbuckets: list[_Bucket] = []
         master_device = torch.device("cpu") if offload in ("optimizer", "params") else device
         norm_weight = norm_weight or {}
@@ -256,7 +257,10 @@ class ZeroOptimizer(GradientSync):
         if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
             sq = sq.to(self.device)
             dist.all_reduce(sq)
+        if loss is not None:  # the loss comes to the host in the same copy
+            sq = torch.cat([sq, loss.detach().reshape(1).to(sq.device, torch.float64)])
         sq = sq.cpu()
+        self.last_loss = float(sq[2]) if loss is not None else float("nan")
         overflow = bool(sq[1] > 0)
         self.last_grad_norm = math.sqrt(float(sq[0])) if not overflow else float("inf")
         if self.scaler is not None:
