@@ -40,6 +40,7 @@ from autoshard.runtime.errors import CaptureError, PlanError, PlanMismatchError
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
 from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
 from autoshard.runtime.moe import ExpertGradientSync
+from autoshard.runtime.onebit_zero import OneBitZeroOptimizer
 from autoshard.runtime.pipeline import PipelineRunner
 from autoshard.runtime.plan import Plan, parse_placement
 from autoshard.runtime.schedules import Schedule, build_schedule
@@ -375,7 +376,11 @@ class ShardedModule(torch.nn.Module):
                             zero_buckets.append(part)
                             groups.append(g)
                 divisor = mesh.data_size
-            self._zero = ZeroOptimizer(
+            zero_cls = ZeroOptimizer
+            if _compressing(optimizer):  # [comm] 1-bit Adam: its own bucket layout and post-warm-up step
+                self._check_onebit_zero(optimizer)
+                zero_cls = OneBitZeroOptimizer
+            self._zero = zero_cls(
                 self._params, {n: p.detach() for n, p in self._params.items()}, zero_buckets,
                 group=self._dp_key, size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision=precision,
                 optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
@@ -399,7 +404,7 @@ class ShardedModule(torch.nn.Module):
             fallbacks=self._tp_plan.fallbacks,
             dp_buckets=buckets,
             pipeline=pipeline,
-            notes=list(self._tp_plan.notes) + self._expert_notes(),
+            notes=list(self._tp_plan.notes) + self._expert_notes() + self._onebit_notes(),
             experts=self._ep_plan.to_dict() if self._moe else {},
             zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip,
                   **({"prefetch": prefetch, "gathered_buckets": len(self._gathers)} if zero == 3 else {})},
@@ -427,13 +432,12 @@ class ShardedModule(torch.nn.Module):
         momentum lists keep tp-replicated and tp-sharded parameters apart (see bind_data_parallel).
         """
         opt = self.optimizer
-        if opt is None or not hasattr(opt, "bind_data_parallel"):
-            return
+        if opt is None or not hasattr(opt, "bind_data_parallel") or isinstance(self._zero, OneBitZeroOptimizer):
+            return  # on the ZeRO path OneBitZeroOptimizer does the compressed step
         name = type(opt).__name__
-        if self._zero is not None:
-            raise PlanError(f"{name} cannot run on the ZeRO path yet (zero, precision, offload or grad_clip "
-                            "set): its compressed momenta span whole buckets, ZeRO shards them; use zero=0, "
-                            "precision='fp32', no offload or grad_clip with it, or torch.optim.AdamW with ZeRO")
+        if self._zero is not None:  # the factory's probe said otherwise: refuse rather than run it uncompressed
+            raise PlanError(f"{name} was not recognised as a compressing optimizer when ZeRO laid out its buckets; "
+                            "build it directly in the factory: optimizer=lambda ps: OneBitAdam(ps, ...)")
         if self._pp > 1 or self._ep_key is not None:
             raise PlanError(f"{name} supports data and tensor parallelism only (not pp or ep yet); "
                             "use Mesh(dp=.., tp=..) or another optimizer")
@@ -442,6 +446,40 @@ class ShardedModule(torch.nn.Module):
                  for sh in (False, True)]
         opt.bind_data_parallel(self._dp_key, self.mesh.size("dp"), self.mesh.coord("dp"), parts)
         self._sync.raw_gradients = opt.wants_raw_gradients
+
+    def _check_onebit_zero(self, optimizer) -> None:
+        """[comm] 1-bit Adam on the ZeRO path: zero=1/2 (or zero=0 with bf16/fp16), with dp and tp.
+
+        Refused, each with its reason and fix: zero=3 and offload (the compressed step needs each
+        rank's whole local momentum of a bucket on the device), grad_clip (after warm-up gradients
+        stay local, so there is no global norm to clip by), pp and ep.
+        """
+        name = type(optimizer([torch.nn.Parameter(torch.zeros(1))])).__name__
+        if self._pp > 1 or self._ep_key is not None:
+            raise PlanError(f"{name} supports data and tensor parallelism only (not pp or ep yet); "
+                            "use Mesh(dp=.., tp=..) or another optimizer")
+        if self._zero_stage == 3:
+            raise PlanError(f"{name} with zero=3: after warm-up each rank compresses its whole local momentum of "
+                            "a bucket and applies the averaged one to every parameter, which ZeRO-3 never holds; "
+                            "use zero=2 (gradients and optimizer states sharded) or zero=1")
+        if self._offload is not None:
+            raise PlanError(f"{name} with offload={self._offload!r}: its compressed momentum step runs on the "
+                            "device over whole buckets; use offload=None (zero=1/2 shard the states instead)")
+        if self._grad_clip is not None:
+            raise PlanError(f"{name} with grad_clip: after warm-up each rank's gradient stays local (only compressed "
+                            "momenta are sent), so there is no global gradient norm to clip by; drop grad_clip "
+                            "(the frozen variance normalises the steps) or use torch.optim.AdamW with grad_clip")
+
+    def _onebit_notes(self) -> list[str]:
+        """[comm] What 1-bit Adam does on the ZeRO path, for ``plan.explain()``."""
+        z = self._zero
+        if not isinstance(z, OneBitZeroOptimizer):
+            return []
+        after = ("every rank applies the averaged momentum to its whole fp32 buffer with the frozen denominator "
+                 "(no parameter all-gather)" if z.full_update else
+                 "each rank updates its fp32 master slice and the parameters are all-gathered in the compute dtype")
+        return [f"1-bit Adam on ZeRO-{z.stage}: buckets aligned to 256-element scale blocks; after warm-up gradients "
+                f"stay local, momenta are averaged compressed (chunk r = slice r) and {after}"]
 
     def _zero3_rewrite(self, program) -> list[dict]:
         """ZeRO-3: put parameter gathers, releases and backward re-gathers into ``program``'s graphs."""
@@ -515,6 +553,9 @@ class ShardedModule(torch.nn.Module):
                 "optimizer": 12 * psi // parts,
                 "reduce_buffers": 4 * sum(bucket_elems[:z.max_inflight]),
             }
+            if isinstance(z, OneBitZeroOptimizer):  # [comm] after warm-up: local gradients, residuals, bits
+                out["grads"] = max(out["grads"], c * psi)
+                out.update(z.compressed_state_bytes())
         else:
             bucket_elems = sorted((sum(math.prod(layouts[n].local_shape) for n in b) for b in self._sync.buckets),
                                   reverse=True)
@@ -745,18 +786,14 @@ class ShardedModule(torch.nn.Module):
         else:
             value = float(g)
         self._collect_expert_stats()  # [experts]
-        sent = C.bytes_sent(f"mesh{self.mesh.id}.")
-        self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),
-                           "pp": sum(v for k, v in sent.items() if k == self._keys["pp"] or ".tied." in k)}
-        if self._ep_key is not None:  # [experts] dp carries the experts' gradients, ep the tokens
-            self._last_comm["dp"] += sent.get(self._keys["dp"], 0.0)
-            self._last_comm["ep"] = sent.get(self._keys["ep"], 0.0)
+        self._count_comm()
         if not math.isfinite(value):
             self._skipped += 1
             warnings.warn(f"step {self._steps}: loss is {value}; optimizer step skipped on every rank", stacklevel=2)
         elif self._zero is not None:
             if not stepped:
                 self._skipped += 1
+            self._count_comm()  # the step's traffic: parameter all-gathers, 1-bit Adam's compressed momenta
         else:
             self.optimizer.step()
             if hasattr(self.optimizer, "bind_data_parallel"):  # [comm] 1-bit Adam reduces momenta in its step
@@ -767,6 +804,15 @@ class ShardedModule(torch.nn.Module):
             self.optimizer.zero_grad(set_to_none=True)
         self._steps += 1
         return value
+
+    def _count_comm(self) -> None:
+        """Bytes this rank has sent since the step began, per mesh dimension (``stats()``)."""
+        sent = C.bytes_sent(f"mesh{self.mesh.id}.")
+        self._last_comm = {"tp": sent.get(self._tp_key, 0.0), "dp": sent.get(self._dp_key, 0.0),
+                           "pp": sum(v for k, v in sent.items() if k == self._keys["pp"] or ".tied." in k)}
+        if self._ep_key is not None:  # [experts] dp carries the experts' gradients, ep the tokens
+            self._last_comm["dp"] += sent.get(self._keys["dp"], 0.0)
+            self._last_comm["ep"] = sent.get(self._keys["ep"], 0.0)
 
     def _pipeline_step(self, args: tuple, kwargs: dict, target: Any, scale: float = 1.0) -> torch.Tensor:
         local_b = _batch_size((args, kwargs))
@@ -875,8 +921,7 @@ class ShardedModule(torch.nn.Module):
         for n, p in self._params.items():
             if self._zero is not None:
                 params[n] = self._zero.full_master(n)
-                keys = sorted({k for st in opt.state.values() for k, v in st.items()
-                               if isinstance(v, torch.Tensor) and v.dim() > 0})
+                keys = self._zero.state_keys()
                 optim[n] = {k: self._zero.full_state(n, k) for k in keys}
                 st = next(iter(opt.state.values()), {})
             else:
@@ -1079,6 +1124,17 @@ def model_loss(out: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor
     if not isinstance(loss, torch.Tensor):
         raise TypeError(f"the model returned {type(out).__name__} with no loss; pass loss_fn=...")
     return loss
+
+
+def _compressing(factory) -> bool:
+    """[comm] Whether ``factory`` builds an optimizer that averages compressed momenta itself (1-bit
+    Adam). ZeRO must know before it lays out its buckets, so the factory is called once on a
+    one-element probe parameter (a factory that cannot take it is taken for an ordinary optimizer)."""
+    try:
+        probe = factory([torch.nn.Parameter(torch.zeros(1))])
+    except Exception:  # noqa: BLE001 - e.g. a factory that splits the list into param groups
+        return False
+    return hasattr(probe, "bind_data_parallel")
 
 
 def _has_attr(root: torch.nn.Module, target: str) -> bool:

@@ -75,9 +75,16 @@ class OneBitAdam(torch.optim.Optimizer):
     and the scalars ``error_rank`` / ``error_world`` recording whose residuals these are. A checkpoint
     keeps the data-parallel rank 0's states, so on resume every other rank, and every rank after a
     change of data-parallel size, starts its error buffers from zero (m and v are identical on all
-    ranks and resume exactly).
+    ranks and resume exactly). A checkpoint saved under ZeRO holds every rank's residual
+    (``worker_error.{d}``) and the whole server residual: under the same dp size each rank resumes
+    with its own.
 
     Without :meth:`bind_data_parallel` (one process) it runs the same arithmetic with no peers.
+
+    Under ZeRO (``zero=1/2``, or ``precision="bf16"/"fp16"``) it sees this rank's fp32 master slices
+    and is exact Adam on them during warm-up; after it
+    :class:`autoshard.runtime.onebit_zero.OneBitZeroOptimizer` runs the compressed step over ZeRO's
+    buckets (same arithmetic; residuals kept there, saved per dp rank by checkpoints).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
@@ -180,6 +187,13 @@ class OneBitAdam(torch.optim.Optimizer):
         n, r = self._dp_size, self._dp_rank
         for p in params:
             st = self.state[p]
+            ranked = [k for k in st if k.startswith("worker_error.")]
+            if ranked:  # a ZeRO checkpoint: every dp rank's worker residual, the server residual whole
+                if int(st.get("error_world", -1)) == n and f"worker_error.{r}" in st:
+                    st["worker_error"] = st[f"worker_error.{r}"].float()
+                    st["error_rank"] = torch.tensor(float(r))
+                for k in ranked:
+                    del st[k]
             if "worker_error" not in st or int(st.get("error_rank", -1)) != r or int(st.get("error_world", -1)) != n:
                 st["worker_error"] = torch.zeros_like(p, dtype=torch.float32)
                 st["server_error"] = torch.zeros_like(p, dtype=torch.float32)

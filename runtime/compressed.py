@@ -71,14 +71,15 @@ def decompress(rows: torch.Tensor) -> torch.Tensor:
     return (signs * scales).reshape(k, c)
 
 
-def compressed_allreduce_(flat: torch.Tensor, group: str | None, worker_error: torch.Tensor,
-                          server_error: torch.Tensor) -> torch.Tensor:
-    """Replace ``flat`` by the compressed average of ``flat`` over the ranks of ``group``, in place.
+def compressed_reduce_scatter_(flat: torch.Tensor, group: str | None, worker_error: torch.Tensor,
+                               server_error: torch.Tensor) -> torch.Tensor:
+    """Phase 1 of the compressed average: this rank's chunk of it, as one compressed row.
 
-    ``flat``: 1-D fp32 of length ``padded_length(·, n)``; ``worker_error`` the same length and
-    ``server_error`` one chunk (``len(flat) / n``), both updated in place (error feedback). Every
-    rank of the group must call it with the same length. ``group=None`` (or a group of one) still
-    compresses once, so a single process sees the same arithmetic.
+    Compresses ``flat + worker_error`` per chunk (updating ``worker_error``), hands chunk ``j`` to rank
+    ``j`` (all-to-all), averages the ``n`` decompressed copies of this rank's chunk, adds
+    ``server_error``, compresses that and keeps the new residual in ``server_error``. Returns the
+    uint8 row (``decompress(row.view(1, -1))`` is this rank's chunk of the result). ``flat`` is
+    read, not written. Arguments as for :func:`compressed_allreduce_`.
     """
     if flat.dim() != 1 or flat.dtype != torch.float32:
         raise ValueError("compressed_allreduce_ takes a 1-D fp32 tensor")
@@ -101,11 +102,34 @@ def compressed_allreduce_(flat: torch.Tensor, group: str | None, worker_error: t
     z = decompress(recv).mean(dim=0) + server_error
     mine = compress(z.view(1, c))
     server_error.copy_(z - decompress(mine).view(-1))
-    if n > 1:
-        every = torch.empty((n, row), dtype=torch.uint8, device=flat.device)
-        C._ALL_GATHER(every.view(-1), mine.view(-1), group=g.group)
-        C.count_bytes(group, (n - 1) * row)
-    else:
-        every = mine
+    return mine.view(-1)
+
+
+def compressed_all_gather(row: torch.Tensor, group: str | None) -> torch.Tensor:
+    """Phase 2: every rank's compressed row (from :func:`compressed_reduce_scatter_`), in rank order,
+    as a uint8 tensor ``(n, width)``; ``decompress`` of it is the whole average, the same on every rank."""
+    g = C._group(group) if group is not None else None
+    n = g.size if g is not None else 1
+    if n == 1:
+        return row.view(1, -1)
+    every = torch.empty((n, row.numel()), dtype=torch.uint8, device=row.device)
+    C._ALL_GATHER(every.view(-1), row, group=g.group)
+    C.count_bytes(group, (n - 1) * row.numel())
+    return every
+
+
+def compressed_allreduce_(flat: torch.Tensor, group: str | None, worker_error: torch.Tensor,
+                          server_error: torch.Tensor) -> torch.Tensor:
+    """Replace ``flat`` by the compressed average of ``flat`` over the ranks of ``group``, in place.
+
+    ``flat``: 1-D fp32 of length ``padded_length(·, n)``; ``worker_error`` the same length and
+    ``server_error`` one chunk (``len(flat) / n``), both updated in place (error feedback). Every
+    rank of the group must call it with the same length. ``group=None`` (or a group of one) still
+    compresses once, so a single process sees the same arithmetic. The two phases are
+    :func:`compressed_reduce_scatter_` and :func:`compressed_all_gather` (ZeRO uses them apart: after
+    the first, rank ``r`` holds the average of the chunk whose optimizer states it owns).
+    """
+    mine = compressed_reduce_scatter_(flat, group, worker_error, server_error)
+    every = compressed_all_gather(mine, group)
     flat.copy_(decompress(every).reshape(-1))
     return flat

@@ -160,18 +160,14 @@ class ZeroOptimizer(GradientSync):
             shapes = [params[n].shape for n in names]
             sizes = [math.prod(s) for s in shapes]
             numel = sum(sizes)
-            padded = -(-numel // gsize) * gsize
+            offsets, padded = self._layout(sizes, gsize)
             flat = torch.empty(padded, dtype=self.dtype, device=device) if stage == 3 else \
                 torch.zeros(padded, dtype=self.dtype, device=device)
             full32 = torch.zeros(padded, dtype=torch.float32)
-            offsets, off = [], 0
-            weight = torch.ones(padded, dtype=torch.float32)
-            for n, k in zip(names, sizes):
-                offsets.append(off)
+            weight = torch.zeros(padded, dtype=torch.float32)  # padding counts for nothing
+            for n, k, off in zip(names, sizes, offsets):
                 full32[off:off + k] = full_fp32[n].reshape(-1).float()
                 weight[off:off + k] = norm_weight.get(n, 1.0)
-                off += k
-            weight[numel:] = 0.0
             if parts == 1:
                 weight /= gsize  # every rank of the group holds the whole gradient: count each element once
             sh = padded // parts
@@ -201,6 +197,12 @@ class ZeroOptimizer(GradientSync):
         if stage == 3:
             self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
         self.optimizer = optimizer_factory([b.master for b in self.zbuckets])
+
+    def _layout(self, sizes: list[int], gsize: int) -> tuple[list[int], int]:
+        """Where each parameter of a bucket starts in its flat buffer, and the buffer's length:
+        packed end to end, padded to a multiple of the group size (a subclass may align them)."""
+        offsets = list(itertools.accumulate(sizes[:-1], initial=0))
+        return offsets, -(-sum(sizes) // gsize) * gsize
 
     # ------------------------------------------------------------------ reduction
     def _launch(self, i: int) -> None:
@@ -363,6 +365,11 @@ class ZeroOptimizer(GradientSync):
                 if isinstance(v, torch.Tensor) and v.dim() > 0:
                     states += v.numel() * v.element_size()
         return {"params": params, "master": master, "optimizer_states": states}
+
+    def state_keys(self) -> list[str]:
+        """Names of the per-element optimizer states that :meth:`full_state` gathers (same on every rank)."""
+        return sorted({k for st in self.optimizer.state.values() for k, v in st.items()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0})
 
     def full_master(self, name: str) -> torch.Tensor:
         """The fp32 master values of parameter ``name`` (gathered over dp), for checkpoints."""
