@@ -112,26 +112,34 @@ class OneBitZeroOptimizer(ZeroOptimizer):
         """True once warm-up is over (the same on every rank: steps advance together)."""
         return bool(self.optimizer.wants_raw_gradients())
 
-    def step(self) -> bool:
-        """Warm-up: ZeRO's exact step. After it: the compressed-momentum step (module docstring)."""
+    def step(self, loss: torch.Tensor | None = None) -> bool:
+        """Warm-up: ZeRO's exact step. After it: the compressed-momentum step (module docstring).
+
+        ``loss`` joins the finiteness check and is read in the same host copy (see ZeroOptimizer.step)."""
         if not self._local:
-            return super().step()
-        return self._compressed_step()
+            return super().step(loss)
+        return self._compressed_step(loss)
 
     def _group_of(self, p: torch.Tensor) -> dict:
         return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
 
     @torch.no_grad()
-    def _compressed_step(self) -> bool:
+    def _compressed_step(self, loss: torch.Tensor | None = None) -> bool:
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
         for g in grads:
             bad += (~torch.isfinite(g)).sum()
+        if loss is not None:
+            bad += (~torch.isfinite(loss.detach())).double().to(self.device)
         if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(bad)
         self.last_grad_norm = float("nan")  # gradients are local: no global norm exists without sending them
         del grads
-        overflow = float(bad) > 0
+        if loss is not None:  # one host copy for the check and the loss
+            bad = torch.cat([bad, loss.detach().reshape(1).to(bad.device, torch.float64)])
+        host = bad.cpu()
+        self.last_loss = float(host[1]) if loss is not None else float("nan")
+        overflow = float(host[0]) > 0
         scale = self.scaler.scale if self.scaler is not None else 1.0
         if self.scaler is not None:
             self.scaler.update(overflow)
