@@ -63,6 +63,7 @@ def autoshard(
     split_points: list[str] | None = None,
     zero: int = 0,
     offload: str | None = None,
+    offload_overlap: bool = True,
     precision: str = "fp32",
     grad_clip: float | None = None,
     prefetch: int = 1,
@@ -94,6 +95,11 @@ def autoshard(
             Needs an elementwise optimizer (SGD, Adam, AdamW, ...).
         offload: ``"optimizer"`` keeps fp32 master weights and optimizer states in CPU memory and
             steps there; ``"params"`` (zero=3) also keeps this rank's parameter slices there.
+        offload_overlap: with ``offload``, pipeline the host work per bucket on a worker thread: each
+            gradient's copy to the host and its norm pass run during backward, each bucket's optimizer
+            step beside the uploads and all-gathers of the others (bitwise the same result as
+            ``False``, which does it all on the calling thread after backward).
+            ``stats()["offload_wait_s"]`` is how long the last step waited for the host.
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` compute copies; fp32 master weights either way,
             fp16 with DeepSpeed-style dynamic loss scaling.
         grad_clip: clip gradients to this global norm (over every shard on every rank).
@@ -120,9 +126,10 @@ def autoshard(
     try:
         return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
                              schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
-                             split_points=split_points, zero=zero, offload=offload, precision=precision,
-                             grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
-                             fuse=fuse, attention=attention, activation_checkpointing=activation_checkpointing)
+                             split_points=split_points, zero=zero, offload=offload,
+                             offload_overlap=offload_overlap, precision=precision, grad_clip=grad_clip,
+                             prefetch=prefetch, capacity_factor=capacity_factor, fuse=fuse, attention=attention,
+                             activation_checkpointing=activation_checkpointing)
     except CaptureError as e:  # [zoo] no graph: the unmodified module under data parallelism, with a warning
         from .eager import eager_data_parallel
 
@@ -131,7 +138,8 @@ def autoshard(
                                "graph, and this model has none: drop it, or make the model capturable.") from e
 
         return eager_data_parallel(model, mesh, e, zero=zero, precision=precision, offload=offload,
-                                   grad_clip=grad_clip, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb)
+                                   offload_overlap=offload_overlap, grad_clip=grad_clip, loss_fn=loss_fn,
+                                   optimizer=optimizer, bucket_mb=bucket_mb)
 
 
 def _parse_attention(attention: str | None):
@@ -233,7 +241,8 @@ class ShardedModule(torch.nn.Module):
                  virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
                  offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None,
                  prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None,
-                 attention: str | None = None, activation_checkpointing: None | str | int | list[str] = None) -> None:
+                 attention: str | None = None, activation_checkpointing: None | str | int | list[str] = None,
+                 offload_overlap: bool = True) -> None:
         super().__init__()
         self._ckpt_spec = parse_spec(activation_checkpointing)  # bad values: PlanError before any capture
         self._ckpt_stages: list[list[int]] | None = None  # blocks each stage checkpoints (decided once)
@@ -385,7 +394,7 @@ class ShardedModule(torch.nn.Module):
                 group=self._dp_key, size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision=precision,
                 optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
                 expected=expected, norm_weight=weight, global_norm=not mesh.virtual, prefetch=prefetch,
-                bucket_groups=groups, divisor=divisor)
+                bucket_groups=groups, divisor=divisor, overlap=offload_overlap)
             self._sync = self._zero
             self._gathers = self._zero3_rewrite(program)
         elif self._ep_key is not None:  # [experts] dense gradients over dp × ep, experts' over dp
@@ -407,6 +416,7 @@ class ShardedModule(torch.nn.Module):
             notes=list(self._tp_plan.notes) + self._expert_notes() + self._onebit_notes(),
             experts=self._ep_plan.to_dict() if self._moe else {},
             zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip,
+                  **({"offload_overlap": bool(offload_overlap)} if offload else {}),
                   **({"prefetch": prefetch, "gathered_buckets": len(self._gathers)} if zero == 3 else {})},
             memory=memory,
             fusions=self._fusions,
@@ -997,12 +1007,20 @@ class ShardedModule(torch.nn.Module):
             "pp_peak_inflight": self._last_inflight,
             "loss_scale": self._zero.loss_scale() if self._zero is not None else 1.0,
             "grad_norm": self._zero.last_grad_norm if self._zero is not None else float("nan"),
+            **self._offload_stats(),
             "steps": self._steps,
             "skipped_steps": self._skipped,
             "programs": len(self._programs),
             "fallbacks": len(self.plan.fallbacks),
             **self._expert_stats,
         }
+
+    def _offload_stats(self) -> dict[str, float]:
+        """With offload: seconds the last optimizer step waited for host work, and that work's length."""
+        z = self._zero
+        if z is None or z.offload is None:
+            return {}
+        return {"offload_wait_s": z.offload_wait_s, "offload_host_s": z.offload_host_s}
 
     # ------------------------------------------------------------------ safety
     def _check_fingerprints(self) -> None:

@@ -51,7 +51,7 @@ class EagerDataParallel(torch.nn.Module):
                  loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
                  optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
                  bucket_mb: float = 25.0, zero: int = 0, offload: str | None = None,
-                 grad_clip: float | None = None) -> None:
+                 grad_clip: float | None = None, offload_overlap: bool = True) -> None:
         super().__init__()
         self.mesh = mesh
         self.module = copy.deepcopy(model).to(mesh.device)
@@ -72,7 +72,7 @@ class EagerDataParallel(torch.nn.Module):
                 self._params, {n: p.detach() for n, p in self._params.items()}, buckets, group=self._dp_key,
                 size=mesh.size("dp"), rank=mesh.coord("dp"), stage=zero, precision="fp32",
                 optimizer_factory=optimizer, device=mesh.device, offload=offload, grad_clip=grad_clip,
-                global_norm=not mesh.virtual)
+                global_norm=not mesh.virtual, overlap=offload_overlap)
             self._sync: GradientSync = self._zero
             self.optimizer = self._zero.optimizer
         else:
@@ -168,7 +168,9 @@ class EagerDataParallel(torch.nn.Module):
         """Communication of the last step (data-parallel gradient averaging only) and step counts."""
         return {"tp_comm_bytes": 0.0, "dp_comm_bytes": self._last_dp_bytes, "pp_comm_bytes": 0.0,
                 "comm_bytes_per_step": self._last_dp_bytes, "steps": float(self._steps),
-                "skipped_steps": float(self._skipped)}
+                "skipped_steps": float(self._skipped),
+                **({"offload_wait_s": self._zero.offload_wait_s, "offload_host_s": self._zero.offload_host_s}
+                   if self._zero is not None and self._zero.offload is not None else {})}
 
     def close(self) -> None:
         """Remove the gradient hooks."""
@@ -177,7 +179,7 @@ class EagerDataParallel(torch.nn.Module):
 
 def eager_data_parallel(model: torch.nn.Module, mesh: Mesh, error: CaptureError, *, zero: int = 0,
                         precision: str = "fp32", offload: str | None = None, grad_clip: float | None = None,
-                        **options: Any) -> EagerDataParallel:
+                        offload_overlap: bool = True, **options: Any) -> EagerDataParallel:
     """The fallback for a model ``torch.export`` cannot capture: plain data parallelism, or ``error`` re-raised.
 
     ZeRO stages 1 and 2, optimizer offload and gradient clipping work over the data-parallel ranks.
@@ -195,4 +197,5 @@ def eager_data_parallel(model: torch.nn.Module, mesh: Mesh, error: CaptureError,
         raise CaptureError(f"{error}\nThe {FALLBACK} fallback for uncapturable models does not support "
                            f"{', '.join(f'{k}={v!r}' for k, v in extras.items())} yet; drop them or make the model "
                            "capturable.") from error
-    return EagerDataParallel(model, mesh, error, zero=zero, offload=offload, grad_clip=grad_clip, **options)
+    return EagerDataParallel(model, mesh, error, zero=zero, offload=offload, grad_clip=grad_clip,
+                             offload_overlap=offload_overlap, **options)

@@ -51,6 +51,7 @@ import torch.distributed as dist
 from .errors import CheckpointError
 from .layout import shard_tensor, unshard_tensor
 from .plan import parse_placement
+from .zero import optimizer_name
 
 if TYPE_CHECKING:
     from autoshard.api import ShardedModule
@@ -202,7 +203,7 @@ def _write_manifest(sm: ShardedModule, tmp: str, files: list[dict], step: int) -
         "version": FORMAT_VERSION,
         "step": int(step),
         "mesh": sm.mesh.to_dict(),
-        "optimizer": type(sm.optimizer).__name__ if sm.optimizer is not None else None,
+        "optimizer": optimizer_name(sm.optimizer),
         "params": {n: list(p.shape) for n, p in sm.plan.params.items()},
         "files": files,
         "plan": plan,
@@ -308,7 +309,7 @@ def _check_model(manifest: dict, sm: ShardedModule, path: str) -> None:
         if saved[n] != mine[n]:
             raise CheckpointError(f"the checkpoint at {path} is from a different model: parameter {n!r} has shape "
                                   f"{list(saved[n])} there and {list(mine[n])} here")
-    want = type(sm.optimizer).__name__ if sm.optimizer is not None else None
+    want = optimizer_name(sm.optimizer)
     have = manifest.get("optimizer")
     if want is not None and have is not None and want != have:
         raise CheckpointError(f"the checkpoint at {path} holds {have} states but this module trains with {want}; "

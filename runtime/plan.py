@@ -207,6 +207,7 @@ class Plan:
             z = self.zero
             lines += ["", f"Memory manager: ZeRO stage {z['stage']}, {z['precision']} compute copies with fp32 masters"
                           f"{', optimizer offloaded to CPU' if z.get('offload') else ''}"
+                          f"{' (its step pipelined per bucket)' if z.get('offload_overlap') else ''}"
                           f"{', gradients clipped to norm ' + str(z['grad_clip']) if z.get('grad_clip') else ''}"]
         if self.memory:
             lines += ["", "Predicted model-state memory per rank (bytes):"]

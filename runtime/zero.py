@@ -30,6 +30,25 @@ bucket's storage is freed again once all of its gradients are reduce-scattered. 
 of the parameters, so the gather writes under ``_unsafe_preserve_version_counter``: the values it
 writes back are the very values that were saved.
 
+Offload pipeline (``offload`` set, ``overlap=True``, the default). The host-side work of a step is
+cut per bucket and run on one worker thread (torch's CPU kernels release the GIL), in two phases:
+
+* phase A, as soon as a bucket's reduction completes during backward: its fp32 gradient slice is
+  copied to a pinned host buffer on a side CUDA stream (an event marks the copy done), then the
+  worker unscales it (fp16) and adds up its share of the squared global norm. This needs nothing
+  but the bucket itself, so it overlaps the backward of earlier layers and the other buckets' copies.
+* phase B, once every rank's norm and overflow flag are summed (one small all-reduce after
+  backward): the worker clips and steps each bucket's optimizer in bucket order while the calling
+  thread uploads (non-blocking, from pinned memory) and all-gathers the buckets already stepped;
+  at stage 3 the worker also refreshes the pinned compute-dtype slice.
+
+No bucket steps before the global verdict: a non-finite gradient anywhere skips the whole step on
+every rank (in every precision) and clipping scales every gradient by one global factor, and an
+update cannot be undone without a second copy of the masters and states. Each bucket has its own
+optimizer (``optimizer_factory([master])``) so buckets step independently; :class:`BucketOptimizers`
+presents them as one (``sm.optimizer``). The per-element arithmetic is that of the serial path
+(``overlap=False``), so both give bitwise equal results.
+
 fp16 uses a dynamic loss scaler with DeepSpeed's semantics: initial scale 2**16, ×2 after 1000
 clean steps, hysteresis 2 (the second overflow in a row halves the scale), a skipped step on every
 overflow, and an error when the scale would fall below the minimum.
@@ -39,7 +58,11 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 import weakref
+from collections import deque
+from collections.abc import Callable, Iterator, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -117,6 +140,175 @@ class _Bucket:
         return self.master.numel()
 
 
+_NORM_CHUNK = 1 << 20  # elements per float64 temporary in the host norm pass (8 MiB: stays in cache)
+
+
+def _sum_squares(g: torch.Tensor, weight: torch.Tensor | None, scale: float = 1.0) -> torch.Tensor:
+    """``sum(weight * g**2)`` (``scale * sum(g**2)`` when ``weight`` is None: a bucket whose elements
+    all count the same): one bucket's share of the squared global gradient norm, as a float64 scalar.
+
+    A non-finite element makes the sum non-finite (weights are >= 0, and 0 * inf is nan), so the same
+    number also answers "did anything overflow". On the device it is one fp32 pass (a norm kernel);
+    on the host it works in float64 a chunk at a time: the temporaries of a whole multi-GiB shard
+    would cost more memory traffic than the sum itself.
+    """
+    if g.device.type != "cpu":
+        if weight is None:
+            return torch.linalg.vector_norm(g, dtype=torch.float32).square().double() * scale
+        return (g.float().square() * weight).sum().double()
+    total = torch.zeros((), dtype=torch.float64, device=g.device)
+    for lo in range(0, g.numel(), _NORM_CHUNK):
+        part = g[lo:lo + _NORM_CHUNK].double().square_()
+        if weight is not None:
+            part.mul_(weight[lo:lo + _NORM_CHUNK])
+        total += part.sum()
+    return total * scale if weight is None else total
+
+
+class _JoinedState(MutableMapping):
+    """``state`` of :class:`BucketOptimizers`: each master's entry lives in its bucket optimizer's state.
+
+    Behaves like ``Optimizer.state`` (a ``defaultdict(dict)`` keyed by parameter): indexing a known
+    master creates its entry, ``get`` and ``in`` do not.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        self._optimizers = optimizers
+        self._owner = {p: o for o in optimizers for g in o.param_groups for p in g["params"]}
+
+    def _of(self, p: torch.Tensor) -> torch.optim.Optimizer:
+        o = self._owner.get(p)
+        if o is None:
+            raise KeyError("not a parameter of these optimizers")
+        return o
+
+    def __getitem__(self, p: torch.Tensor) -> dict:
+        return self._of(p).state[p]
+
+    def __setitem__(self, p: torch.Tensor, value: dict) -> None:
+        self._of(p).state[p] = value
+
+    def __delitem__(self, p: torch.Tensor) -> None:
+        del self._of(p).state[p]
+
+    def __contains__(self, p: object) -> bool:
+        o = self._owner.get(p) if isinstance(p, torch.Tensor) else None
+        return o is not None and p in o.state
+
+    def get(self, p: torch.Tensor, default=None):
+        return self[p] if p in self else default
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        for o in self._optimizers:
+            yield from list(o.state)
+
+    def __len__(self) -> int:
+        return sum(len(o.state) for o in self._optimizers)
+
+    def clear(self) -> None:
+        for o in self._optimizers:
+            o.state.clear()
+
+
+class BucketOptimizers(torch.optim.Optimizer):
+    """One optimizer per ZeRO bucket (offload), presented as the one optimizer the user asked for.
+
+    Why: the offload pipeline steps each bucket on its own, as soon as that bucket may step, so each
+    bucket's fp32 master has its own optimizer built by the user's factory. An elementwise optimizer
+    (the only kind ZeRO supports) computes the same per element either way, and each bucket optimizer
+    steps once per training step, so per-parameter step counts stay right.
+
+    This view is ``sm.optimizer``. ``param_groups`` are the bucket optimizers' own group dicts
+    (bucket order), so an LR scheduler attached to the view sets every bucket's ``lr``; ``state``
+    maps each master to its entry in its bucket optimizer; ``step()`` steps every bucket in order
+    (optimizer hooks and LR-scheduler bookkeeping see one step); ``state_dict``/``load_state_dict``
+    use torch's format over all buckets. ``kind`` is the bucket optimizers' class name, recorded in
+    checkpoints in place of this class's.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        if not optimizers:
+            raise ValueError("BucketOptimizers needs at least one bucket optimizer")
+        self.optimizers = list(optimizers)
+        self._joined_state = _JoinedState(self.optimizers)
+        self._built = False
+        # Optimizer.__init__ sets up hooks and profiling; the parameters stay grouped in their buckets
+        params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]
+        super().__init__(params, dict(self.optimizers[0].defaults))
+        self._built = True
+
+    @property
+    def kind(self) -> str:
+        return type(self.optimizers[0]).__name__
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value: list) -> None:
+        if self._built:
+            raise AttributeError("the param_groups of BucketOptimizers are its bucket optimizers'; set values "
+                                 "in them (group['lr'] = ...) instead of replacing the list")
+
+    @property
+    def state(self) -> _JoinedState:
+        return self._joined_state
+
+    @state.setter
+    def state(self, value) -> None:
+        if self._built:
+            raise AttributeError("the state of BucketOptimizers lives in its bucket optimizers")
+
+    def add_param_group(self, param_group: dict) -> None:
+        if self._built:
+            raise NotImplementedError("the ZeRO buckets are fixed when the module is built: new parameter "
+                                      "groups cannot be added to BucketOptimizers")
+        # during Optimizer.__init__: the parameters are grouped in the bucket optimizers already
+
+    def step(self, closure: Callable[[], float] | None = None, *, run: Callable[[], None] | None = None):
+        """Step every bucket's optimizer, in bucket order.
+
+        ``run``, when given, replaces that loop: the ZeRO runtime passes its own schedule of the same
+        per-bucket steps (on a worker thread, between uploads), so hooks and schedulers still see one step.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if run is not None:
+            run()
+        else:
+            for o in self.optimizers:
+                o.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()`` of this view: its groups and states are split over the buckets."""
+        groups, states = state_dict["param_groups"], state_dict["state"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"the state dict has {len(groups)} parameter groups, these optimizers "
+                             f"{len(self.param_groups)} (one per bucket and group)")
+        at = 0
+        for o in self.optimizers:
+            mine = groups[at:at + len(o.param_groups)]
+            at += len(o.param_groups)
+            ids = {old: new for new, old in enumerate(i for g in mine for i in g["params"])}
+            o.load_state_dict({"state": {ids[i]: v for i, v in states.items() if i in ids},
+                               "param_groups": [dict(g, params=[ids[i] for i in g["params"]]) for g in mine]})
+
+
+def optimizer_name(opt: torch.optim.Optimizer | None) -> str | None:
+    """The class name of the user's optimizer (through :class:`BucketOptimizers`), for checkpoints."""
+    if opt is None:
+        return None
+    return opt.kind if isinstance(opt, BucketOptimizers) else type(opt).__name__
+
+
 class ZeroOptimizer(GradientSync):
     """Owns this rank's compute parameters (as views of flat buckets) and the sharded optimizer."""
 
@@ -125,7 +317,8 @@ class ZeroOptimizer(GradientSync):
                  optimizer_factory, device: torch.device, offload: str | None = None, grad_clip: float | None = None,
                  expected: dict[str, int] | None = None, norm_weight: dict[str, float] | None = None,
                  global_norm: bool = False, prefetch: int = 1,
-                 bucket_groups: list[tuple[str, int, int]] | None = None, divisor: int | None = None) -> None:
+                 bucket_groups: list[tuple[str, int, int]] | None = None, divisor: int | None = None,
+                 overlap: bool = True) -> None:
         if stage not in (0, 1, 2, 3):
             raise ValueError(f"zero={stage}: choose a ZeRO stage 0, 1, 2 or 3")
         if offload == "params" and stage != 3:
@@ -135,6 +328,7 @@ class ZeroOptimizer(GradientSync):
         self.dtype = DTYPES[precision]
         self.precision = precision
         self.offload = offload
+        self.overlap = bool(overlap) and offload is not None  # the per-bucket host pipeline (module docstring)
         self.grad_clip = grad_clip
         self.device = device
         self.global_norm = global_norm  # reduce norms and overflow flags over every rank
@@ -196,7 +390,19 @@ class ZeroOptimizer(GradientSync):
         super().__init__(params, buckets, group, size, expected=expected, always=True)
         if stage == 3:
             self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
-        self.optimizer = optimizer_factory([b.master for b in self.zbuckets])
+        if offload is not None:  # buckets step one by one: each has its own optimizer
+            self.bucket_optimizers = [optimizer_factory([b.master]) for b in self.zbuckets]
+            self.optimizer = BucketOptimizers(self.bucket_optimizers)
+        else:
+            self.optimizer = optimizer_factory([b.master for b in self.zbuckets])
+        # offload pipeline: one worker thread, per-bucket phase-A jobs, pinned gradient buffers, a copy stream
+        self._worker: ThreadPoolExecutor | None = None
+        self._host_jobs: list[Future | None] = [None] * len(self.zbuckets)
+        self._host_grads: list[torch.Tensor | None] = [None] * len(self.zbuckets)
+        self._copy_stream = None
+        self._copies: deque = deque()  # events of this backward's gradient copies not yet waited for
+        self.offload_wait_s = 0.0  # last step: seconds the calling thread waited for host work
+        self.offload_host_s = 0.0  # last step: seconds of host work (norm pass, updates), wherever it ran
 
     def _layout(self, sizes: list[int], gsize: int) -> tuple[list[int], int]:
         """Where each parameter of a bucket starts in its flat buffer, and the buffer's length:
@@ -228,7 +434,117 @@ class ZeroOptimizer(GradientSync):
         b = self.zbuckets[i]
         if self.stage < 2:
             payload = payload[b.part * b.shard:(b.part + 1) * b.shard]
-        b.master.grad = payload.to(b.master.device, non_blocking=True)
+        if not self.overlap:
+            b.master.grad = payload.to(b.master.device, non_blocking=True)
+            return
+        grad, copied = self._to_host(i, payload)
+        b.master.grad = grad
+        scale = self.scaler.scale if self.scaler is not None else None  # the scale this backward ran with
+        self._host_jobs[i] = self._pool().submit(self._grad_arrived, i, grad, copied, scale)
+
+    # ------------------------------------------------------------------ offload pipeline
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autoshard-offload")
+        return self._worker
+
+    def _to_host(self, i: int, payload: torch.Tensor):
+        """Start copying bucket ``i``'s reduced gradient slice into host memory; (host tensor, done event).
+
+        CUDA: into a pinned buffer kept per bucket, on a side stream, so the copy runs beside the
+        backward kernels instead of between them; the event tells the worker when it has landed. The
+        compute stream waits for the copy ``max_inflight`` buckets back: should copies fall behind,
+        the device memory of gradients waiting for them stays bounded (the host never blocks here).
+        """
+        if payload.device.type != "cuda":
+            return payload.to(self.zbuckets[i].master.device), None
+        host = self._host_grads[i]
+        if host is None:
+            host = self._host_grads[i] = torch.empty(payload.numel(), dtype=torch.float32, pin_memory=True)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        stream = self._copy_stream
+        stream.wait_stream(torch.cuda.current_stream(self.device))  # the reduction wrote ``payload`` there
+        with torch.cuda.stream(stream):
+            host.copy_(payload, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        payload.record_stream(stream)  # its memory is not reused before the copy has read it
+        self._copies.append(done)
+        if len(self._copies) > self.max_inflight:
+            torch.cuda.current_stream(self.device).wait_event(self._copies.popleft())
+        return host, done
+
+    @torch.no_grad()
+    def _grad_arrived(self, i: int, grad: torch.Tensor, copied, scale: float | None) -> torch.Tensor:
+        """Worker, phase A: once bucket ``i``'s gradient is on the host, unscale it and sum its squares."""
+        if copied is not None:
+            copied.synchronize()
+        t0 = time.perf_counter()
+        if scale is not None:
+            grad.div_(scale)
+        sq = _sum_squares(grad, self.zbuckets[i].grad_weight, self.zbuckets[i].norm_scale)
+        self.offload_host_s += time.perf_counter() - t0  # only the worker writes it during a step
+        return sq
+
+    @torch.no_grad()
+    def _update(self, i: int, coef: float | None) -> None:
+        """Worker, phase B: clip and step bucket ``i`` (stage 3: refresh its pinned compute slice)."""
+        t0 = time.perf_counter()
+        b = self.zbuckets[i]
+        if coef is not None:
+            b.master.grad.mul_(coef)
+        self.bucket_optimizers[i].step()
+        if self.stage == 3 and b.local is not None:
+            b.local.copy_(b.master.detach())
+        self.offload_host_s += time.perf_counter() - t0
+
+    def _wait(self, job: Future):
+        """The result of a worker job, counting the time the calling thread waited for it."""
+        t0 = time.perf_counter()
+        try:
+            return job.result()
+        finally:
+            self.offload_wait_s += time.perf_counter() - t0
+
+    def _settle(self) -> list[torch.Tensor | None]:
+        """Wait for every phase-A job of this backward; their sums of squares (None: no job)."""
+        jobs, self._host_jobs = self._host_jobs, [None] * len(self.zbuckets)
+        out, error = [], None
+        for job in jobs:  # every job is waited for, even after one failed: none may outlive the step
+            try:
+                out.append(self._wait(job) if job is not None else None)
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                error = error or e
+                out.append(None)
+        if error is not None:
+            raise error
+        return out
+
+    def _pipelined_update(self, coef: float | None) -> None:
+        """Phase B: the worker steps bucket after bucket while this thread uploads those already stepped."""
+        jobs = [self._pool().submit(self._update, i, coef) for i in range(len(self.zbuckets))]
+        try:
+            for i, job in enumerate(jobs):
+                self._wait(job)
+                self._upload(i)
+        except BaseException:
+            for job in jobs:  # let the worker finish before the error leaves the step
+                job.cancel() or job.exception()
+            raise
+
+    def begin(self) -> None:
+        self._settle()  # nothing of an abandoned step may still be running
+        self.offload_wait_s = self.offload_host_s = 0.0
+        self._copies.clear()
+        super().begin()
+
+    def remove(self) -> None:
+        super().remove()
+        if self._worker is not None:
+            self._settle()
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
     # ------------------------------------------------------------------ step
     def step(self, loss: torch.Tensor | None = None) -> bool:
@@ -237,25 +553,30 @@ class ZeroOptimizer(GradientSync):
         ``loss`` (the step's global loss, on the device) joins the finiteness check, so the caller
         reads it after this step's one host synchronisation instead of adding a second one.
         Returns False when the step was skipped (a non-finite gradient or loss; fp16 overflow).
+        With the offload pipeline, unscaling and the norm pass already ran per bucket during backward;
+        here the updates run on the worker, interleaved with the uploads (module docstring).
         """
-        grads = [b.master.grad for b in self.zbuckets]
-        if self.offload is not None and self.device.type == "cuda":
-            torch.cuda.current_stream(self.device).synchronize()  # the device→host gradient copies
-        if self.scaler is not None:
-            for g in grads:
-                g.div_(self.scaler.scale)
-        # Σ weight·g² over every bucket, one fp32 pass per bucket (a norm); a NaN or inf anywhere makes
-        # the sum non-finite, so the same pass is the overflow check. One copy to the host per step.
-        where = grads[0].device if grads else self.device
-        parts = [torch.linalg.vector_norm(g, dtype=torch.float32).square() * b.norm_scale
-                 for b, g in zip(self.zbuckets, grads) if b.grad_weight is None]
-        parts += [(g.float().square() * b.grad_weight).sum()
-                  for b, g in zip(self.zbuckets, grads) if b.grad_weight is not None]
-        total = torch.stack(parts).sum().double() if parts else torch.zeros((), dtype=torch.float64, device=where)
-        bad = (~torch.isfinite(total)).double()
+        t0 = time.perf_counter()
+        if self.overlap:
+            sqs = self._settle()
+            for b, sq_b in zip(self.zbuckets, sqs):
+                if sq_b is None:  # defensive: a bucket the backward never completed
+                    raise RuntimeError(f"ZeRO bucket {b.names[:2]} has no gradient this step; was finish() called?")
+        else:
+            grads = [b.master.grad for b in self.zbuckets]
+            if self.offload is not None and self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()  # the device→host gradient copies
+            if self.scaler is not None:
+                for g in grads:
+                    g.div_(self.scaler.scale)
+            sqs = [_sum_squares(g, b.grad_weight, b.norm_scale) for b, g in zip(self.zbuckets, grads)]
+        # accumulate where the gradients live; one copy to the host per step, not two per bucket
+        sq = torch.zeros(2, dtype=torch.float64, device=sqs[0].device if sqs else self.device)
+        for sq_b in sqs:
+            sq[0] += sq_b
+        sq[1] = (~torch.isfinite(sq[0])).double()  # a non-finite element anywhere makes the sum non-finite
         if loss is not None:
-            bad = bad + (~torch.isfinite(loss.detach())).double().to(where)
-        sq = torch.stack([torch.nan_to_num(total, nan=0.0, posinf=0.0), bad])
+            sq[1] += (~torch.isfinite(loss.detach())).double().to(sq.device)
         if self.global_norm and dist.is_initialized() and dist.get_world_size() > 1:
             sq = sq.to(self.device)
             dist.all_reduce(sq)
@@ -268,16 +589,29 @@ class ZeroOptimizer(GradientSync):
         if self.scaler is not None:
             self.scaler.update(overflow)
         if overflow:
+            self._record_serial(t0)
             self.zero_grad()
             return False
+        coef = None
         if self.grad_clip is not None and self.last_grad_norm > self.grad_clip:
             coef = self.grad_clip / (self.last_grad_norm + 1e-6)
-            for g in grads:
-                g.mul_(coef)
+        if self.overlap:
+            self.optimizer.step(run=lambda: self._pipelined_update(coef))
+            self.zero_grad()
+            return True
+        if coef is not None:
+            for b in self.zbuckets:
+                b.master.grad.mul_(coef)
         self.optimizer.step()
+        self._record_serial(t0)
         self.zero_grad()
         self._gather()
         return True
+
+    def _record_serial(self, t0: float) -> None:
+        """Offload without the pipeline: the calling thread did all of the host work itself."""
+        if self.offload is not None and not self.overlap:
+            self.offload_wait_s = self.offload_host_s = time.perf_counter() - t0
 
     def _gather(self) -> None:
         """All-gather every rank's updated master slice into the flat compute buffers.
@@ -286,16 +620,26 @@ class ZeroOptimizer(GradientSync):
         next use gathers the new values.
         """
         for i, b in enumerate(self.zbuckets):
-            if self.stage == 3:
-                if b.local is not None:
-                    b.local.copy_(b.master.detach())
-                self.release(i)
-                continue
-            mine = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)
-            if b.parts == 1:
-                b.flat.copy_(mine)
-            else:
-                C.all_gather_(b.flat, mine, b.group)
+            if self.stage == 3 and b.local is not None:
+                b.local.copy_(b.master.detach())
+            self._upload(i)
+
+    def _upload(self, i: int) -> None:
+        """Bring bucket ``i``'s updated master slice to the compute copies (stage 3: drop the stale gather).
+
+        The host-to-device copy is non-blocking from pinned memory: it runs while the worker steps the
+        next bucket. The master is not written again before the next backward has copied this bucket's
+        gradients, which the current stream orders after this copy.
+        """
+        b = self.zbuckets[i]
+        if self.stage == 3:
+            self.release(i)
+            return
+        mine = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)
+        if b.parts == 1:
+            b.flat.copy_(mine)
+        else:
+            C.all_gather_(b.flat, mine, b.group)
 
     # ------------------------------------------------------------------ stage 3: parameter residency
     def start(self, i: int) -> None:
@@ -343,6 +687,7 @@ class ZeroOptimizer(GradientSync):
         return sum(b.flat.numel() * b.flat.element_size() for b in self.zbuckets if b.state != "free")
 
     def zero_grad(self) -> None:
+        self._settle()  # a skipped step: the worker may still be reading the gradients
         for b in self.zbuckets:
             b.master.grad = None
         for p in self.params.values():
