@@ -684,7 +684,9 @@ def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
         rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%",
                      "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
                      f"{r['tok_s_gpu'] / best:.2f}" if best else "-", f"{r['loss_step1']:.5f}"])
-    if markdown:
+    if markdown:  # with each row's commit: a report may join runs of several commits
+        head = [*head, "commit"]
+        rows = [[*row, r.get("commit", "")] for row, r in zip(rows, records)]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         return "\n".join(lines)
@@ -734,21 +736,26 @@ def append_results(path: str, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
-def latest_runs(records: list[dict[str, Any]]) -> dict[tuple[str, int, str], list[dict[str, Any]]]:
-    """The newest record of each system, grouped by (model, gpus, device); later records win."""
-    groups: dict[tuple[str, int, str], dict[str, dict[str, Any]]] = {}
+def latest_runs(records: list[dict[str, Any]]) -> dict[tuple[str, int, str, int], list[dict[str, Any]]]:
+    """The newest record of each system, grouped by (model, gpus, device, seq); later records win."""
+    groups: dict[tuple[str, int, str, int], dict[str, dict[str, Any]]] = {}
     for r in records:
-        groups.setdefault((r["model"], int(r.get("gpus", 1)), r["device"]), {})[r["system"]] = r
+        key = (r["model"], int(r.get("gpus", 1)), r["device"], int(r.get("seq") or 0))
+        groups.setdefault(key, {})[r["system"]] = r
     return {k: list(v.values()) for k, v in groups.items()}
+
+
+def _title(model: str, gpus: int, device: str, seq: int) -> str:
+    return f"{model}{f', seq {seq}' if seq else ''}, {gpus} × {device}"
 
 
 def report(records: list[dict[str, Any]]) -> str:
     """Markdown: one table per (model, GPUs, device) with the latest figure of each system."""
     out = []
-    for (model, gpus, device), rows in sorted(latest_runs(records).items()):
+    for key, rows in sorted(latest_runs(records).items()):
         s = summarize(rows)
         meta = rows[0]
-        head = f"**{model}, {gpus} × {device}**, torch {meta['torch']}, commit {meta['commit']}, {meta['date']}"
+        head = f"**{_title(*key)}**, torch {meta['torch']}, {meta['date']}"
         if s["ratio"]:
             head += f": best autoshard ({s['best_autoshard']}) = {s['ratio']:.2f}× the best peer ({s['best_peer']})"
         out += [head, "", table(rows, markdown=True), ""]
@@ -768,14 +775,13 @@ def plot(records: list[dict[str, Any]], path: str) -> str:
     if not groups:
         raise BenchError("no records to plot")
     fig, axes = plt.subplots(len(groups), 2, figsize=(14, 3.2 * len(groups) + 0.6), squeeze=False)
-    for (model, gpus, device), rows in groups:
-        i = [g[0] for g in groups].index((model, gpus, device))
+    for i, (key, rows) in enumerate(groups):
         rows = [r for r in rows if r.get("tok_s_gpu")]
         names = [r["system"] for r in rows]
         colors = ["#c44e52" if not is_peer(n) else "#4c72b0" for n in names]
         ax = axes[i][0]
         ax.barh(names, [r["tok_s_gpu"] for r in rows], color=colors)
-        ax.set_title(f"{model}, {gpus} × {device}: tokens/s/GPU", fontsize=9)
+        ax.set_title(f"{_title(*key)}: tokens/s/GPU", fontsize=9)
         ax.invert_yaxis()
         ax = axes[i][1]
         ax.barh(names, [r["peak_gib"] or 0.0 for r in rows], color=colors)

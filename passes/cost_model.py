@@ -430,11 +430,17 @@ def analyse(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         _set_submodule(model, path, type(blocks)(reps))
     try:
         gm = capture(model, args1, kwargs1, training=True, param_dtype=param_dtype)
+        flat_inputs = tree_flatten((args1, kwargs1))[0]
+        saved = _saved_tensors(gm, flat_inputs)  # runs the graph on meta tensors
+    except Exception as e:  # noqa: BLE001 - e.g. data-dependent ops that meta tensors cannot run
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise PlanError(f"the planner could not capture {type(model).__name__} on the meta device "
+                        f"({type(e).__name__}: {first}); data-dependent code outside the ops autoshard intercepts "
+                        "(e.g. experts picked with nonzero in a ModuleList MoE block) cannot be costed without "
+                        "running it: give a fixed mesh instead of Mesh.auto(), e.g. Mesh(dp=..., ep=...)") from e
     finally:
         if blocks is not None:
             _set_submodule(model, path, blocks)
-    flat_inputs = tree_flatten((args1, kwargs1))[0]
-    saved = _saved_tensors(gm, flat_inputs)
 
     n_reps = len(reps)
     region: dict[str, str | int] = {}

@@ -652,7 +652,7 @@ class ZeroOptimizer(GradientSync):
         if b.local is not None:  # offloaded: the pinned slice goes up
             src = b.local.to(self.device, non_blocking=True)
         else:  # cast our fp32 master slice
-            src = b.master.detach().to(self.dtype)
+            src = b.master.detach().to(self.device, non_blocking=True).to(self.dtype)  # host masters too (NCCL needs device tensors)
         # autograd saved views of these parameters in an earlier forward; the gather restores exactly
         # the values they held, so it must not count as a modification
         with torch.autograd._unsafe_preserve_version_counter(flat):

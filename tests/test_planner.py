@@ -395,3 +395,16 @@ def test_auto_plan_trains_with_parity():
     decision = ("mesh", "zero", "offload", "checkpoint_blocks")
     assert [second["plan"][k] for k in decision] != [first["plan"][k] for k in decision]
     assert second["plan"]["binding"].startswith("memory:")
+
+
+def test_uncapturable_on_meta_is_a_plan_error_naming_the_fix():
+    """A ModuleList MoE block picks its tokens with nonzero, which meta tensors cannot run: the planner
+    says so and what to do, rather than leaking the meta-kernel error."""
+    from autoshard.examples.moe_gpt import MoEGPT, MoEGPTConfig
+    from autoshard.passes import cost_model
+    from autoshard.runtime.errors import PlanError
+
+    model = MoEGPT(MoEGPTConfig(vocab_size=64, seq_len=8, d_model=16, n_layers=2, n_heads=2, d_ff=32,
+                                n_experts=4, top_k=2))
+    with pytest.raises(PlanError, match=r"could not capture MoEGPT on the meta device .*Mesh\(dp=\.\.\., ep=\.\.\.\)"):
+        cost_model.analyse(model, (torch.randint(0, 64, (4, 8)),), precision="fp32")
