@@ -23,37 +23,17 @@ import argparse
 import json
 import os
 import socket
-import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int = 3, iters: int = 20) -> float:
-    """Median seconds of ``fn`` after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from autoshard.bench import timed  # the one timing loop (median of device-synchronised steps)
 
 
 def copy_ceiling(device: torch.device, nbytes: int) -> float:
     """Bytes/s of a device-to-device copy (read + write counted), the practical bandwidth ceiling."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device).normal_()
     dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), device, 3, 20)
+    t = timed(lambda: dst.copy_(src), 3, 20, device)
     return 2 * src.numel() * src.element_size() / t
 
 
@@ -128,7 +108,7 @@ def bench_kernels(s: dict, device: torch.device, dtype: torch.dtype, systems: li
             xs = make()
             try:
                 with torch.no_grad():
-                    t_fwd = timed(lambda run=run, xs=xs: run(*xs), device, 3, iters)
+                    t_fwd = timed(lambda run=run, xs=xs: run(*xs), 3, iters, device)
                 outs = run(*xs)
                 outs = outs if isinstance(outs, tuple) else (outs,)
                 ups = [torch.randn_like(o) for o in outs]
@@ -140,7 +120,7 @@ def bench_kernels(s: dict, device: torch.device, dtype: torch.dtype, systems: li
                     out = out if isinstance(out, tuple) else (out,)
                     torch.autograd.backward(out, ups)
 
-                t_all = timed(step, device, 3, iters)
+                t_all = timed(step, 3, iters, device)
             except Exception as err:  # noqa: BLE001 - one failing system must not hide the others
                 print(f"{name:22s} {system:9s} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
                 continue
@@ -170,7 +150,7 @@ def bench_kernels(s: dict, device: torch.device, dtype: torch.dtype, systems: li
             def fn(ref=ref, p=p, g=g, mo=mo, v=v):
                 ref(p, g, mo, v, 1e-4, 0.9, 0.95, 1e-8, 0.1, 10)
         try:
-            t = timed(fn, device, 3, iters)
+            t = timed(fn, 3, iters, device)
         except Exception as err:  # noqa: BLE001
             print(f"{'adamw (flat shard)':22s} {system:9s} failed: {type(err).__name__}: {str(err)[:200]}", flush=True)
             continue
@@ -215,7 +195,7 @@ def bench_e2e(cfg_kw: dict, batch: int, device: torch.device, systems: list[str]
         sm = autoshard.autoshard(base, mesh, example_inputs=(x,), loss_fn=lm_loss, optimizer=opt,
                                  precision=precision, fuse=fuse)
         xd = x.to(device)
-        t = timed(lambda: sm.train_step((xd,), xd), device, 2, iters)
+        t = timed(lambda: sm.train_step((xd,), xd), 2, iters, device)
         summary = sm.plan.summary()
         sm.close()
         return t, summary
@@ -235,7 +215,7 @@ def bench_e2e(cfg_kw: dict, batch: int, device: torch.device, systems: list[str]
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        return timed(step, device, 3, iters), "torch.compile(model), bf16 autocast, fused AdamW"
+        return timed(step, 3, iters, device), "torch.compile(model), bf16 autocast, fused AdamW"
 
     table = {
         "fuse": ("autoshard fuse=True", lambda: run_autoshard(True, False)),

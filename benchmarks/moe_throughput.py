@@ -28,11 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
+
+from autoshard.bench import timed  # the one timing loop (median of device-synchronised steps)
 
 NVLINK_GBPS = 450.0  # H100/H200 NVLink 4: 900 GB/s bidirectional per GPU
 
@@ -62,33 +62,13 @@ def _args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(step, warmup: int, iters: int, device: torch.device) -> float:
-    """Median seconds per call after ``warmup`` calls, ranks aligned first."""
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _all_to_all_bandwidth(rows: int, dim: int, dtype: torch.dtype, device: torch.device) -> dict:
     """One MoE dispatch's all-to-all (equal splits), median of 20: GB/s each GPU sends to the others."""
     n = dist.get_world_size()
     rows -= rows % n
     x = torch.randn(rows, dim, dtype=dtype, device=device)
     out = torch.empty_like(x)
-    t = _timed(lambda: dist.all_to_all_single(out, x), 3, 20, device)
+    t = timed(lambda: dist.all_to_all_single(out, x), 3, 20, device)
     sent = x.numel() * x.element_size() * (n - 1) / n
     gbps = sent / t / 1e9
     return {"bytes_per_gpu": sent, "seconds": t, "GB_s": gbps, "fraction_of_nvlink": gbps / NVLINK_GBPS}
@@ -152,7 +132,7 @@ def run(argv: list[str] | None = None) -> dict | None:
             model = sm
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        t = _timed(step, a.warmup, a.iters, device)
+        t = timed(step, a.warmup, a.iters, device)
         row = {"system": system, "tok_s_gpu": a.batch * a.seq / t, "step_s": t,
                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0}
         if system.startswith("autoshard"):
