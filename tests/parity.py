@@ -118,6 +118,43 @@ def sharded(kind: str, opt: str, degrees: dict[str, int], steps: int = STEPS, **
             "explain": sm.plan.explain(), "schedule": sm.schedule.render() if sm.schedule else None}
 
 
+def auto_sharded(budget_gib: float | None, steps: int = STEPS, profile: str | None = None) -> dict:
+    """``Mesh.auto()`` under a memory budget on the GPT: trained on each rank's slice of the global batch.
+
+    Returns this rank's result (losses, full state, the planner's choice, the plan, the graph); the
+    caller keeps rank 0's."""
+    import autoshard
+
+    mesh = autoshard.Mesh.auto(memory_gib=budget_gib, profile=profile)
+    inp0, _, loss_fn = inputs("gpt", batch(0))  # the global batch: the planner cuts it
+    sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp0, loss_fn=loss_fn,
+                             optimizer=make_optimizer("adamw"))
+    m = sm.mesh
+    per = GLOBAL_BATCH // m.data_size
+    lo = m.data_rank * per
+    losses = []
+    for step in range(steps):
+        inp, target, _ = inputs("gpt", batch(step)[lo:lo + per])
+        losses.append(sm.train_step(inp, target))
+    out = {"losses": losses, "state": sm.full_state_dict(), "auto": sm.auto_plan.to_dict(),
+           "plan": sm.plan.to_dict(), "notes": list(sm.plan.notes), "degrees": m.to_dict(),
+           "graph": str(sm.module.graph) if m.size("pp") == 1 else None, "rank": m.rank}  # pp: stage graphs
+    sm.close()
+    return out
+
+
+class InfGrad(torch.autograd.Function):
+    """Identity forward; an infinite gradient backward, to poison every parameter's gradient."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
 def run_cases(cases: list[tuple]) -> list[dict | None]:
     """Each case: (model kind, optimizer, mesh degrees[, autoshard options])."""
     return [sharded(c[0], c[1], c[2], **(c[3] if len(c) > 3 else {})) for c in cases]

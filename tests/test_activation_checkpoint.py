@@ -23,7 +23,18 @@ from autoshard.passes import planner as P
 from autoshard.passes.activation_checkpoint import checkpoint_blocks, find_blocks
 from autoshard.runtime import hardware as H
 from autoshard.runtime.recompute import checkpoint_block
-from parity import GLOBAL_BATCH, VOCAB, batch, check, inputs, make_model, make_optimizer, reference, sharded
+from parity import (
+    GLOBAL_BATCH,
+    VOCAB,
+    auto_sharded,
+    batch,
+    check,
+    inputs,
+    make_model,
+    make_optimizer,
+    reference,
+    sharded,
+)
 
 GiB = 2**30
 STEPS_HERE = 3  # several optimizer steps, few enough to keep the module fast
@@ -94,22 +105,8 @@ def _dropout_run(degrees: dict[str, int], spec, seed: int = 7) -> dict | None:
 
 # =============================================================================== the 2-rank launch
 def _auto_run(budget_gib: float) -> dict | None:
-    mesh = autoshard.Mesh.auto(memory_gib=budget_gib, profile="cpu")
-    inp0, _, loss_fn = inputs("gpt", batch(0))  # the global batch: the planner cuts it
-    sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp0, loss_fn=loss_fn,
-                             optimizer=make_optimizer("adamw"))
-    m = sm.mesh
-    per = GLOBAL_BATCH // m.data_size
-    lo = m.data_rank * per
-    losses = []
-    for step in range(STEPS_HERE):
-        inp, target, _ = inputs("gpt", batch(step)[lo:lo + per])
-        losses.append(sm.train_step(inp, target))
-    state = sm.full_state_dict()
-    out = {"losses": losses, "state": state, "auto": sm.auto_plan.to_dict(), "plan": sm.plan.to_dict(),
-           "graph": str(sm.module.graph)}
-    sm.close()
-    return out if m.rank == 0 else None
+    out = auto_sharded(budget_gib, steps=STEPS_HERE, profile="cpu")
+    return out if out["rank"] == 0 else None
 
 
 def _world2(budget_gib: float) -> dict:

@@ -22,7 +22,7 @@ import torch
 import autoshard
 from autoshard.runtime.checkpoint import read_manifest
 from autoshard.runtime.zero import BucketOptimizers
-from parity import STEPS, batch, check, inputs, make_model, make_optimizer, reference
+from parity import STEPS, InfGrad, batch, check, inputs, make_model, make_optimizer, reference
 
 pytestmark = pytest.mark.slow
 
@@ -36,17 +36,6 @@ CASES = [
 ]
 LR_DECAY = 0.5  # the LR scheduler test: lr × 0.5 per step
 
-
-class _InfGrad(torch.autograd.Function):
-    """Identity forward; an infinite gradient backward, to poison every parameter's gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
 
 
 def _rows(mesh) -> slice:
@@ -102,7 +91,7 @@ def _fp16(overlap: bool) -> dict:
     def loss_fn(out, target):
         logits = out.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, out.shape[-1]), target[:, 1:].reshape(-1))
-        return _InfGrad.apply(loss) if poison["on"] else loss
+        return InfGrad.apply(loss) if poison["on"] else loss
 
     sm, rows = _build("adamw", {"zero": 2, "offload": "optimizer", "precision": "fp16", "bucket_mb": SMALL_BUCKETS},
                       overlap, loss_fn=loss_fn)

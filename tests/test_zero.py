@@ -13,7 +13,7 @@ import torch
 
 import autoshard
 from autoshard.runtime.zero import DynamicLossScaler, LossScaleError
-from parity import batch, check, inputs, make_model, make_optimizer, reference, rel, run_cases
+from parity import InfGrad, batch, check, inputs, make_model, make_optimizer, reference, rel, run_cases
 
 BF16_LOSS_BOUND = 2e-2  # per-step loss, relative, 5 AdamW steps, against the fp32 run
 BF16_MODEL_BOUND = 1e-1  # whole-model parameter difference over its norm (measured up to 5.1%)
@@ -51,17 +51,6 @@ CASES_4 = [(k, o, d, dict(zero=z, **({"microbatches": 4} if "pp" in d else {})))
 pytestmark = pytest.mark.slow
 
 
-class _InfGrad(torch.autograd.Function):
-    """Identity forward; an infinite gradient backward, to poison every parameter's gradient."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * float("inf")
-
 
 def _scaler_worker() -> dict:
     mesh = autoshard.Mesh(dp=2)
@@ -71,7 +60,7 @@ def _scaler_worker() -> dict:
         # the loss in fp32, as mixed-precision training does: 2**16 times an fp16 loss would overflow
         logits = out.float()
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, out.shape[-1]), target[:, 1:].reshape(-1))
-        return _InfGrad.apply(loss) if poison["on"] else loss
+        return InfGrad.apply(loss) if poison["on"] else loss
 
     inp, target, _ = inputs("gpt", batch(0)[:4])
     sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp, loss_fn=loss_fn,
