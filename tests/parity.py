@@ -143,6 +143,18 @@ def auto_sharded(budget_gib: float | None, steps: int = STEPS, profile: str | No
     return out
 
 
+def lm_tokens(step: int, rows: int = 8) -> torch.Tensor:
+    """Fresh tokens each step from a fixed law over 32 symbols: the next token is the successor
+    (t + 1) mod 32 with probability 1/2, else uniform. Loss floor: its entropy, 2.36 nats."""
+    g = torch.Generator().manual_seed(10_000 + step)
+    t = torch.empty(rows, 16, dtype=torch.long)
+    t[:, 0] = torch.randint(0, 32, (rows,), generator=g)
+    for i in range(1, 16):
+        succ = torch.rand(rows, generator=g) < 0.5
+        t[:, i] = torch.where(succ, (t[:, i - 1] + 1) % 32, torch.randint(0, 32, (rows,), generator=g))
+    return t
+
+
 class InfGrad(torch.autograd.Function):
     """Identity forward; an infinite gradient backward, to poison every parameter's gradient."""
 

@@ -19,7 +19,7 @@ from autoshard.optim import OneBitAdam
 from autoshard.runtime import collectives as C
 from autoshard.runtime.compressed import compressed_allreduce_, pack_signs, padded_length, unpack_signs
 from autoshard.runtime.plan import parse_placement
-from parity import VOCAB, gpt_loss, make_model
+from parity import VOCAB, gpt_loss, lm_tokens, make_model
 
 LM_STEPS = 200  # language-model run, AdamW vs 1-bit Adam, 4 ranks
 LM_WARMUP = 50
@@ -27,20 +27,8 @@ LM_LR = 3e-3
 ROUNDS = 200  # compressed all-reduce rounds
 
 
-def _lm_tokens(step: int, rows: int = 8) -> torch.Tensor:
-    """Fresh tokens each step from a fixed law over 32 symbols: the next token is the successor
-    (t + 1) mod 32 with probability 1/2, else uniform. Loss floor: its entropy, 2.36 nats."""
-    g = torch.Generator().manual_seed(10_000 + step)
-    t = torch.empty(rows, 16, dtype=torch.long)
-    t[:, 0] = torch.randint(0, 32, (rows,), generator=g)
-    for i in range(1, 16):
-        succ = torch.rand(rows, generator=g) < 0.5
-        t[:, i] = torch.where(succ, (t[:, i - 1] + 1) % 32, torch.randint(0, 32, (rows,), generator=g))
-    return t
-
-
 def _lm_batches(n: int = 4, rows: int = 8) -> list[torch.Tensor]:
-    return [_lm_tokens(i, rows) for i in range(n)]
+    return [lm_tokens(i, rows) for i in range(n)]
 
 
 def _small_lm() -> torch.nn.Module:
@@ -104,7 +92,7 @@ def _lm_run(opt_cls, key: str, rank: int, **kw) -> list[float]:
         opt.bind_data_parallel(key, 4, rank, [list(model.parameters())])
     losses = []
     for i in range(LM_STEPS):
-        tokens = _lm_tokens(i)[rank * 2:rank * 2 + 2]
+        tokens = lm_tokens(i)[rank * 2:rank * 2 + 2]
         loss = gpt_loss(model(tokens), tokens)
         opt.zero_grad()
         loss.backward()

@@ -20,7 +20,7 @@ import autoshard
 from autoshard.optim import OneBitAdam
 from autoshard.runtime.plan import parse_placement
 from autoshard.runtime.zero import DTYPES
-from parity import STEPS, VOCAB, batch, check, gpt_loss, inputs, make_model, reference, rel
+from parity import STEPS, VOCAB, batch, check, gpt_loss, inputs, lm_tokens, make_model, reference, rel
 
 pytestmark = pytest.mark.slow
 
@@ -75,28 +75,17 @@ def _train(sm, mesh, steps: int, start: int = 0) -> list[float]:
             for i in range(start, start + steps)]
 
 
-def _lm_tokens(step: int, rows: int = 8) -> torch.Tensor:
-    """tests/test_onebit.py's law: successor with probability 1/2, else uniform over 32 symbols."""
-    g = torch.Generator().manual_seed(10_000 + step)
-    t = torch.empty(rows, 16, dtype=torch.long)
-    t[:, 0] = torch.randint(0, 32, (rows,), generator=g)
-    for i in range(1, 16):
-        succ = torch.rand(rows, generator=g) < 0.5
-        t[:, i] = torch.where(succ, (t[:, i - 1] + 1) % 32, torch.randint(0, 32, (rows,), generator=g))
-    return t
-
-
 def _lm_losses(mesh, opt, **options) -> list[float]:
     from autoshard.examples.gpt import make_model as make_gpt
 
     torch.manual_seed(0)
     model = make_gpt(vocab_size=VOCAB, seq_len=16, d_model=32, n_heads=4, d_ff=64, n_layers=2)
     r = mesh.data_rank
-    sm = autoshard.autoshard(model, mesh, example_inputs=(_lm_tokens(0)[r * 2:r * 2 + 2],), loss_fn=gpt_loss,
+    sm = autoshard.autoshard(model, mesh, example_inputs=(lm_tokens(0)[r * 2:r * 2 + 2],), loss_fn=gpt_loss,
                              optimizer=opt, **options)
     out = []
     for i in range(LM_STEPS):
-        t = _lm_tokens(i)[r * 2:r * 2 + 2]
+        t = lm_tokens(i)[r * 2:r * 2 + 2]
         out.append(sm.train_step((t,), t))
     return out
 
