@@ -50,7 +50,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -93,6 +93,7 @@ class BenchConfig:
     device: str | None = None  # "cuda" | "cpu"; default cuda when available
     profile: bool = False
     commit: str | None = None
+    results: str | None = None  # rank 0 appends each system's record here as soon as it is measured
 
 
 def default_systems(world: int, device: str, arch: str) -> list[str]:
@@ -621,6 +622,8 @@ def run_rank(cfg: BenchConfig) -> list[dict[str, Any]] | None:
         _free(device)
         if rank == 0:
             _print_row(rec)
+            if cfg.results:  # at once: a job stopped later keeps what it measured
+                append_results(cfg.results, [rec])
         records.append(rec)
     return records if rank == 0 else None
 
@@ -808,6 +811,3 @@ def run(cfg: BenchConfig, nproc: int | None = None) -> list[dict[str, Any]]:
     cfg.device = device
     return launch(run_rank, nproc, cfg, device=device, timeout=None)[0]
 
-
-def config_dict(cfg: BenchConfig) -> dict[str, Any]:
-    return asdict(cfg)

@@ -559,7 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--iters", type=int, default=6, help="timed steps, the median is reported (default 6)")
     b.add_argument("--profile", action="store_true",
                    help="also profile 2 steps of each system: matmul, attention, communication, fused, idle time")
-    b.add_argument("--results", default=None, metavar="FILE", help="append the records to this JSON list")
+    b.add_argument("--results", default=None, metavar="FILE",
+                   help="append the records to this JSON list (each as soon as its system is measured)")
     b.add_argument("--json", action="store_true", help="print the records as JSON")
     b.add_argument("--commit", default=None, help="the commit to record (default: git, or $AUTOSHARD_COMMIT)")
     b.add_argument("--plot", default=None, metavar="RESULTS",
@@ -591,7 +592,8 @@ def _bench(args: argparse.Namespace) -> int:
     for s in systems:  # fail on a bad name here, before any rank starts
         bench.parse_system(s, args.nproc or max(1, _visible_gpus(args.device)) or 1)
     cfg = bench.BenchConfig(model=args.model, systems=systems, batch=args.batch, seq=args.seq, warmup=args.warmup,
-                            iters=args.iters, device=args.device, profile=args.profile, commit=args.commit)
+                            iters=args.iters, device=args.device, profile=args.profile, commit=args.commit,
+                            results=os.path.abspath(args.results) if args.results else None)
     if args.model not in bench.MODELS:
         raise bench.BenchError(f"unknown model {args.model!r}: choose from {', '.join(bench.MODELS)}")
     records = bench.run(cfg, args.nproc)
@@ -609,7 +611,6 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"warning: the systems' first-step losses differ by {s['loss_spread']:.2e} (relative), more than "
               f"{bench.loss_tolerance(records):.0e}: they do not all compute the same function", file=sys.stderr)
     if args.results:
-        bench.append_results(args.results, records)
         print(f"appended {len(records)} records to {args.results}", file=sys.stderr)
     if args.json:
         print(json.dumps(records, indent=1))
