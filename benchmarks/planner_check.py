@@ -23,12 +23,12 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import sys
-import time
 from typing import Any
 
 import torch
+
+from autoshard.bench import timed  # the one timing loop (median of device-synchronised steps)
 
 MODELS = {
     # name: (d_model, layers, heads, ffn, vocab, seq, sequences per GPU)
@@ -82,24 +82,6 @@ def _plans(name: str, world: int, profile: str, precision: str, top: int, spread
     return out
 
 
-def _time(step, device: torch.device, warmup: int, iters: int) -> float:
-    import torch.distributed as dist
-
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dist.barrier()
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _measure(base: torch.nn.Module, p: dict[str, Any], tokens: torch.Tensor, precision: str, warmup: int,
              iters: int) -> dict[str, Any]:
     """Build plan ``p`` with autoshard and time it; peak memory on CUDA. An out-of-memory run is recorded."""
@@ -121,7 +103,7 @@ def _measure(base: torch.nn.Module, p: dict[str, Any], tokens: torch.Tensor, pre
     try:
         sm = autoshard.autoshard(base, mesh, example_inputs=(x,), loss_fn=lm_loss,
                                  optimizer=lambda ps: torch.optim.AdamW(ps, lr=1e-4, fused=fused), **options)
-        out = {"measured_step_s": _time(lambda: sm.train_step((x,), x), device, warmup, iters),
+        out = {"measured_step_s": timed(lambda: sm.train_step((x,), x), warmup, iters, device),
                "measured_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
         sm.close()
         return out
