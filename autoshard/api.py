@@ -793,29 +793,10 @@ class ShardedModule(torch.nn.Module):
         if self.mesh.data_size > 1:
             g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
-        stepped = None
-        if self._zero is not None:  # checks the loss with the gradients: one host synchronisation per step
-            stepped = self._zero.step(loss=g)
-            value = self._zero.last_loss  # read in that synchronisation, before the update was launched
-        else:
-            value = float(g)
+        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps)
         self._collect_expert_stats()  # [experts]
-        self._count_comm()
-        if not math.isfinite(value):
-            self._skipped += 1
-            warnings.warn(f"step {self._steps}: loss is {value}; optimizer step skipped on every rank", stacklevel=2)
-        elif self._zero is not None:
-            if not stepped:
-                self._skipped += 1
-            self._count_comm()  # the step's traffic: parameter all-gathers, 1-bit Adam's compressed momenta
-        else:
-            self.optimizer.step()
-            if hasattr(self.optimizer, "bind_data_parallel"):  # [comm] 1-bit Adam reduces momenta in its step
-                self._last_comm["dp"] = C.bytes_sent(f"mesh{self.mesh.id}.").get(self._dp_key, 0.0)
-        if self._zero is not None:
-            self._zero.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self._count_comm()  # after the step: its traffic too (parameter all-gathers, 1-bit Adam's momenta)
+        self._skipped += not stepped
         self._steps += 1
         return value
 
@@ -1131,6 +1112,30 @@ class ShardedModule(torch.nn.Module):
             return {}
         return {"expert_tokens": {}, "dropped_tokens": 0, **self._expert_counts,
                 "ep_comm_bytes": self._last_comm.get("ep", 0.0)}
+
+
+def finish_step(zero: Any, optimizer: Any, loss: torch.Tensor, step: int) -> tuple[float, bool]:
+    """The end of a training step, shared by the graph and the eager paths: the optimizer step unless
+    the global ``loss`` (on the device) or a gradient is not finite, then the gradients cleared.
+
+    With the ZeRO memory manager the loss joins its one host synchronisation (read there, before the
+    update is launched); otherwise the loss is read first. Returns (loss value, whether it stepped).
+    """
+    if zero is not None:
+        stepped = zero.step(loss=loss)
+        value = zero.last_loss
+    else:
+        value = float(loss)
+        stepped = math.isfinite(value)
+        if stepped:
+            optimizer.step()
+    if not math.isfinite(value):
+        warnings.warn(f"step {step}: loss is {value}; optimizer step skipped on every rank", stacklevel=3)
+    if zero is not None:
+        zero.zero_grad()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return value, stepped
 
 
 def model_loss(out: Any, target: Any, loss_fn: Callable[[Any, Any], torch.Tensor] | None) -> torch.Tensor:

@@ -13,7 +13,6 @@ ZeRO-3 and mixed precision need the graph (gathers before each block, casts) and
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -138,20 +137,11 @@ class EagerDataParallel(torch.nn.Module):
         if self.mesh.data_size > 1:
             g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
-        value = float(g)
+        from autoshard.api import finish_step  # api imports this module lazily: no cycle
+
+        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps)
         self._last_dp_bytes = C.bytes_sent(self._dp_key).get(self._dp_key, 0.0)
-        if not math.isfinite(value):
-            self._skipped += 1
-            warnings.warn(f"step {self._steps}: loss is {value}; optimizer step skipped on every rank", stacklevel=2)
-        elif self._zero is not None:
-            if not self._zero.step():
-                self._skipped += 1
-        else:
-            self.optimizer.step()
-        if self._zero is not None:
-            self._zero.zero_grad()
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
+        self._skipped += not stepped
         self._steps += 1
         return value
 
