@@ -240,8 +240,8 @@ def _kernels():
 
     @triton.jit
     def block_sparse_fwd(Q, K, V, OUT, LSE, ROW_PTR, COL_IDX, ORDER, qk_scale, T, D,
-            CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
-            PREC: tl.constexpr):
+                         CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
+                         PREC: tl.constexpr):
         i = tl.load(ORDER + tl.program_id(0))
         base = tl.program_id(1).to(tl.int64) * T * D
         offs_m = i * BLOCK + tl.arange(0, BLOCK)
@@ -287,8 +287,8 @@ def _kernels():
 
     @triton.jit
     def block_sparse_bwd_dq(Q, K, V, DO, DQ, LSE, DELTA, ROW_PTR, COL_IDX, ORDER, qk_scale, sm_scale, T, D,
-               CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
-            PREC: tl.constexpr):
+                            CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
+                            PREC: tl.constexpr):
         i = tl.load(ORDER + tl.program_id(0))
         base = tl.program_id(1).to(tl.int64) * T * D
         rbase = tl.program_id(1).to(tl.int64) * T
@@ -331,8 +331,8 @@ def _kernels():
 
     @triton.jit
     def block_sparse_bwd_dkv(Q, K, V, DO, DK, DV, LSE, DELTA, COL_PTR, ROW_IDX, ORDER, qk_scale, sm_scale, T, D,
-                CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
-            PREC: tl.constexpr):
+                             CAUSAL: tl.constexpr, BLOCK: tl.constexpr, DP: tl.constexpr, F32: tl.constexpr,
+                             PREC: tl.constexpr):
         j = tl.load(ORDER + tl.program_id(0))
         base = tl.program_id(1).to(tl.int64) * T * D
         rbase = tl.program_id(1).to(tl.int64) * T

@@ -40,7 +40,7 @@ def _kernels():
 
     @triton.jit
     def layernorm_fwd(X, R, W, B, Y, H, MEAN, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         rmask = rows < M
@@ -66,7 +66,7 @@ def _kernels():
 
     @triton.jit
     def layernorm_bwd(X, W, MEAN, RSTD, DY, DR, DX, DWP, DBP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
-            HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                      HAS_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0) * BLOCK_M
         cols = tl.arange(0, BLOCK_N)

@@ -49,7 +49,7 @@ def _kernels():
 
     @triton.jit
     def rmsnorm_fwd(X, R, W, Y, H, RSTD, M, N, eps, HAS_RES: tl.constexpr, HAS_W: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = tl.arange(0, BLOCK_N)
         rmask = rows < M
@@ -71,7 +71,7 @@ def _kernels():
 
     @triton.jit
     def rmsnorm_bwd(X, W, RSTD, DY, DR, DX, DWP, M, N, HAS_DR: tl.constexpr, HAS_W: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         pid = tl.program_id(0)
         step = tl.num_programs(0) * BLOCK_M
         cols = tl.arange(0, BLOCK_N)
