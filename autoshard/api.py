@@ -263,6 +263,13 @@ class ShardedModule(torch.nn.Module):
         self._zero_stage, self._precision, self._offload, self._grad_clip = zero, precision, offload, grad_clip
         self._prefetch = prefetch
         self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
+        # [compiler] the whole step as one program where the plan allows it (see _joint_blocker)
+        self._joint_reason = _joint_blocker(mesh, zero=zero, offload=offload, precision=precision, fuse=fuse,
+                                            attention=attention, checkpointing=activation_checkpointing,
+                                            optimizer=optimizer)
+        self._joint = None  # passes.compile.StepState, made with the optimizer below
+        self._step_programs: dict[tuple, Any] = {}
+        self._step_reports: dict[str, Any] = {}
         self._zero: ZeroOptimizer | None = None
         self._gathers: list[dict] = []
         self.mesh = mesh
@@ -283,6 +290,11 @@ class ShardedModule(torch.nn.Module):
                 C.register_group(mesh.group(d))
         self._setup_experts(model, capacity_factor)  # [experts] MoE layers; with ep > 1, _dp_key becomes dp × ep
         self._fuse = mesh.device.type == "cuda" if fuse is None else bool(fuse)  # [kernels]
+        if self._joint_reason is None and self._moe:
+            self._joint_reason = "mixture-of-experts layers run through the interpreted MoE runtime"
+        if self._joint_reason is None:
+            self._fuse = False  # Inductor generates the step's kernels
+            self._use_zero = False  # the step program keeps masters, skips non-finite steps and clips itself
         self._fusions: dict = {}  # [kernels] the fusion report of the first program, for the plan
         self._attention, self._attention_report = _parse_attention(attention), {}  # [comm] block-sparse attention
 
@@ -413,7 +425,7 @@ class ShardedModule(torch.nn.Module):
             fallbacks=self._tp_plan.fallbacks,
             dp_buckets=buckets,
             pipeline=pipeline,
-            notes=list(self._tp_plan.notes) + self._expert_notes() + self._onebit_notes(),
+            notes=list(self._tp_plan.notes) + self._expert_notes() + self._onebit_notes() + [self._executor_note()],
             experts=self._ep_plan.to_dict() if self._moe else {},
             zero={"stage": zero, "precision": precision, "offload": offload, "grad_clip": grad_clip,
                   **({"offload_overlap": bool(offload_overlap)} if offload else {}),
@@ -431,9 +443,55 @@ class ShardedModule(torch.nn.Module):
         self._check_fingerprints()
         if self._zero is not None:
             self.optimizer = self._zero.optimizer  # over this rank's fp32 master slices
+        elif self._joint_reason is None:  # [compiler] the user's optimizer over fp32 masters, states in the program
+            from autoshard.passes.compile import make_state
+
+            self._joint = make_state(list(self._params), self._params, self._capture_dtype, optimizer, mesh.device)
+            self.optimizer = self._joint.optimizer
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
         self._bind_compressing_optimizer(layouts)
+
+    @property
+    def executor(self) -> str:
+        """``"step-program"`` (forward, backward and update compiled as one program) or ``"interpreted"``."""
+        return "step-program" if self._joint is not None else "interpreted"
+
+    def _executor_note(self) -> str:
+        if self._joint_reason is None:
+            how = "Inductor + CUDA graphs" if self.mesh.device.type == "cuda" else "an FX module (uncompiled, CPU)"
+            return ("executor: the step program — forward, backward, data-parallel reduction and optimizer update "
+                    f"as one graph per input signature, run as {how}")
+        return f"executor: interpreted (eager backward): {self._joint_reason}"
+
+    def _joint_train_step(self, args: tuple, kwargs: dict, target: Any) -> float:
+        """[compiler] One step of the step program for this input signature (captured and compiled once)."""
+        from autoshard.passes.compile import compile_step
+
+        key = (_signature(True, args, kwargs), _signature(True, (target,), {}))
+        prog = self._step_programs.get(key)
+        if prog is None:
+            fwd = self._program(args, kwargs, training=True)
+            dp = self.mesh.group("dp")
+            prog, report = compile_step(
+                fwd, self._loss, self._joint, args, kwargs, target,
+                dp_group=dp.group.group_name if dp.size > 1 else None, dp_size=dp.size,
+                buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device)
+            self._step_programs[key] = prog
+            self._step_reports = report
+        self._joint.set_lrs()
+        out = prog(tree_flatten((args, kwargs, target))[0])
+        loss, found = out.tolist()  # the one host synchronisation of the step
+        stepped = not found
+        if self._step_reports.get("reduce_bytes"):
+            C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
+        self._count_comm()
+        if not stepped:
+            warnings.warn(f"step {self._steps}: loss {loss} or a gradient is not finite; optimizer step skipped "
+                          "on every rank", stacklevel=3)
+        self._skipped += not stepped
+        self._steps += 1
+        return loss
 
     def _bind_compressing_optimizer(self, layouts) -> None:
         """[comm] An optimizer that averages compressed momenta itself (autoshard.optim.OneBitAdam).
@@ -776,6 +834,8 @@ class ShardedModule(torch.nn.Module):
             self._check_same_inputs_across_tp((args, kwargs, target))
             self._checked_inputs = True
         C.reset_bytes(f"mesh{self.mesh.id}.")
+        if self._joint is not None:
+            return self._joint_train_step(args, kwargs, target)
         moe_runtime.reset_stats(self._moe_ns)
         scale = self._zero.loss_scale() if self._zero is not None else 1.0
         if self._pp > 1:
@@ -868,6 +928,8 @@ class ShardedModule(torch.nn.Module):
             if p is not None:
                 if self._zero is not None:  # fp32 masters, gathered over dp
                     p = self._zero.full_master(n).to(self.mesh.device)
+                elif self._joint is not None:
+                    p = self._joint.master(n)
                 if pl.is_shard() and self._tp > 1:
                     pieces = [torch.empty_like(p) for _ in range(self._tp)]
                     dist.all_gather(pieces, p.detach().contiguous(), group=self.mesh.group("tp").group)
@@ -920,6 +982,8 @@ class ShardedModule(torch.nn.Module):
                 optim[n] = {k: self._zero.full_state(n, k) for k in keys}
                 st = next(iter(opt.state.values()), {})
             else:
+                if self._joint is not None:  # [compiler] the fp32 master, and the state keyed by it
+                    p = self._joint.master(n)
                 params[n] = p.detach().float().cpu().clone()
                 st = opt.state.get(p, {}) if opt is not None else {}
                 optim[n] = {k: v.detach().cpu().clone() for k, v in st.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
@@ -961,12 +1025,17 @@ class ShardedModule(torch.nn.Module):
         else:
             opt = self.optimizer
             for n, p in self._params.items():
+                if self._joint is not None:  # [compiler] the master, then the compute copy from it
+                    p.data.copy_(state["params"][n].to(p.device, p.dtype))
+                    p = self._joint.master(n)
                 p.data.copy_(state["params"][n].to(p.device, p.dtype))
                 if opt is not None and (state["optim"].get(n) or state["optim_scalars"].get(n)):
                     st = {k: v.to(p.device).clone() for k, v in state["optim"].get(n, {}).items()}
                     for k, v in state["optim_scalars"].get(n, {}).items():
                         st[k] = torch.tensor(v, dtype=torch.float32)
                     opt.state[p] = st
+            if self._joint is not None:
+                self._joint.absorb()  # the loaded states into the program's own tensors
         self._steps = int(state.get("step", 0))
         self._skipped = int(state.get("skipped", 0))
         rng = state.get("rng") or {}
@@ -1112,6 +1181,45 @@ class ShardedModule(torch.nn.Module):
             return {}
         return {"expert_tokens": {}, "dropped_tokens": 0, **self._expert_counts,
                 "ep_comm_bytes": self._last_comm.get("ep", 0.0)}
+
+
+def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str, fuse: bool | None,
+                   attention: str | None, checkpointing: Any, optimizer: Any) -> str | None:
+    """Why this plan cannot run as a step program yet (``None``: it can). [compiler]
+
+    ``AUTOSHARD_EXECUTOR=interpreted`` forces the interpreted executor (eager backward) for any plan.
+    """
+    import os
+
+    forced = os.environ.get("AUTOSHARD_EXECUTOR", "auto").strip().lower()
+    if forced == "interpreted":
+        return "AUTOSHARD_EXECUTOR=interpreted"
+    checks = [
+        (mesh.virtual, "a virtual mesh has no processes to run it"),
+        (optimizer is None, "no optimizer (forward only)"),
+        (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
+        (mesh.size("tp") > 1, "tensor-parallel collectives are not functional collectives yet"),
+        (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
+        (zero != 0, f"ZeRO-{zero} gathers and reduce-scatters are not graph nodes yet"),
+        (offload is not None, "offload runs on the host"),
+        (precision not in ("fp32", "bf16"), f"precision={precision!r} (loss scaling) is not in the step program yet"),
+        (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
+        (attention is not None, "block-sparse attention kernels are not custom ops yet"),
+        (checkpointing is not None, "activation checkpointing is not applied to the joint graph yet"),
+    ]
+    for bad, why in checks:
+        if bad:
+            return why
+    from autoshard.passes.optimizer import Unsupported, optimizer_spec
+
+    try:
+        probe = torch.nn.Parameter(torch.zeros(1, device=mesh.device))
+        optimizer_spec(optimizer([probe]), [probe])
+    except Unsupported as e:
+        return str(e)
+    except Exception:  # noqa: BLE001 - a factory that cannot take one probe parameter
+        return "the optimizer factory could not be probed"
+    return None
 
 
 def finish_step(zero: Any, optimizer: Any, loss: torch.Tensor, step: int) -> tuple[float, bool]:

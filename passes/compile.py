@@ -1,0 +1,159 @@
+"""compile: a rank's forward graph, the loss and the optimizer → a :class:`StepProgram` (the whole step).
+
+The ordered passes after capture and the forward rewrites (tensor/expert parallel)::
+
+    joint      passes/joint.py       forward + loss + backward as one aten graph (AOTAutograd joint export)
+    optimizer  passes/optimizer.py   + dp gradient all-reduces (functional collectives) + non-finite skip
+                                     + clipping + the SGD/Adam/AdamW update, in place
+    lower      runtime/program.py    Inductor + CUDA-graph replay on GPUs; the FX module itself on CPU
+
+:class:`StepState` holds what every input signature's program updates: parameters, fp32 masters,
+optimizer states, step counters and learning rates. The user's optimizer object is built over the
+masters and its ``state`` refers to these very tensors, so LR schedulers, ``state_dict()`` and
+checkpoints see what the program computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from autoshard.runtime.program import StepProgram, cuda_graphs_enabled
+
+from .joint import LossModule, export_joint
+from .optimizer import OptimizerSpec, Reduction, Unsupported, build_step_graph, optimizer_spec
+
+
+@dataclass
+class StepState:
+    """The tensors a step program reads and updates, in one fixed order (``names``)."""
+
+    names: list[str]
+    params: list[torch.nn.Parameter]  # compute copies (the forward graph's parameters)
+    masters: list[torch.nn.Parameter]  # fp32; the same objects as params in fp32
+    optimizer: torch.optim.Optimizer
+    spec: OptimizerSpec
+    states: list[list[torch.Tensor]]  # per state key, per parameter
+    steps: list[torch.Tensor]
+    lrs: list[torch.Tensor]
+    _lr_values: list[float] = field(default_factory=list)
+
+    @property
+    def separate_masters(self) -> bool:
+        return any(p is not m for p, m in zip(self.params, self.masters))
+
+    def master(self, name: str) -> torch.nn.Parameter:
+        return self.masters[self.names.index(name)]
+
+    def set_lrs(self) -> None:
+        """Copy each group's learning rate into its device scalar (only when it changed: no launch otherwise)."""
+        for i, g in enumerate(self.optimizer.param_groups):
+            lr = float(g["lr"])
+            if self._lr_values[i] != lr:
+                self.lrs[i].fill_(lr)
+                self._lr_values[i] = lr
+
+    def expose(self) -> None:
+        """Point ``optimizer.state`` at the program's tensors (torch.optim's keys)."""
+        for i, m in enumerate(self.masters):
+            st: dict[str, Any] = {k: self.states[j][i] for j, k in enumerate(self.spec.state_keys)}
+            if self.spec.kind != "sgd":
+                st["step"] = self.steps[i]
+            self.optimizer.state[m] = st
+
+    @torch.no_grad()
+    def absorb(self) -> None:
+        """Copy values someone put into ``optimizer.state`` (a checkpoint load) into the program's tensors."""
+        for i, m in enumerate(self.masters):
+            st = self.optimizer.state.get(m, {})
+            for j, k in enumerate(self.spec.state_keys):
+                v = st.get(k)
+                if isinstance(v, torch.Tensor) and v is not self.states[j][i]:
+                    self.states[j][i].copy_(v)
+            if self.spec.kind == "sgd":
+                self.steps[i].fill_(1.0 if isinstance(st.get("momentum_buffer"), torch.Tensor) else 0.0)
+            elif "step" in st and st["step"] is not self.steps[i]:
+                self.steps[i].fill_(float(st["step"]))
+        self.expose()
+
+
+def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_dtype: torch.dtype | None,
+               optimizer_factory: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+               device: torch.device) -> StepState:
+    """Masters (fp32 copies when ``compute_dtype`` is lower), the user's optimizer over them, zeroed states.
+
+    Raises :class:`Unsupported` (before anything is changed) when the optimizer has no in-graph update.
+    """
+    plist = [params[n] for n in names]
+    separate = compute_dtype is not None and compute_dtype != torch.float32
+    masters = [torch.nn.Parameter(p.detach().float().clone(), requires_grad=p.requires_grad) if separate else p
+               for p in plist]
+    opt = optimizer_factory([m for m in masters if m.requires_grad])
+    spec = optimizer_spec(opt, masters)  # raises Unsupported
+    if separate:
+        for p, m in zip(plist, masters):
+            p.data = m.detach().to(compute_dtype)
+    states = [[torch.zeros_like(m, dtype=torch.float32) for m in masters] for _ in spec.state_keys]
+    steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in masters]
+    lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
+    state = StepState(names, plist, masters, opt, spec, states, steps, lrs, [float(g["lr"]) for g in opt.param_groups])
+    state.expose()
+    return state
+
+
+def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], state: StepState,
+                 args: tuple, kwargs: dict, target: Any, *, dp_group: str | None, dp_size: int,
+                 buckets: list[list[str]], grad_clip: float | None, device: torch.device,
+                 compile: bool | None = None) -> tuple[StepProgram, dict[str, Any]]:
+    """Capture the joint graph of ``forward_graph`` + ``loss`` on this batch, add reduction and update,
+    and lower it. Returns the program and a report (nodes, collectives, bytes sent per step).
+
+    Raises :class:`Unsupported` or :class:`~autoshard.runtime.errors.CaptureError` when the step cannot be
+    expressed; nothing has been changed then.
+    """
+    joint = export_joint(LossModule(forward_graph, loss), args, kwargs, target)
+    ident = {id(p): i for i, p in enumerate(state.params)}
+    order: list[int] = []
+    for name in joint.params:
+        p = forward_graph.get_parameter(name)
+        if id(p) not in ident:
+            raise Unsupported(f"the joint graph's parameter {name} is not one of this rank's parameters")
+        order.append(ident[id(p)])
+    buffers = [forward_graph.get_buffer(b) for b in joint.buffers]
+    params = [state.params[i] for i in order]
+    masters = [state.masters[i] for i in order]
+    spec = OptimizerSpec(state.spec.kind, state.spec.groups, [state.spec.group_of[i] for i in order],
+                         state.spec.state_keys)
+    states = [[s[i] for i in order] for s in state.states]
+    steps = [state.steps[i] for i in order]
+    pos = {state.names[i]: k for k, i in enumerate(order)}
+    reduction = Reduction(dp_group if dp_size > 1 else None, dp_size,
+                          [[pos[n] for n in b if n in pos] for b in buckets])
+    if dp_size > 1:  # parameters in no bucket (none today) still get reduced, one bucket of their own
+        seen = {i for b in reduction.buckets for i in b}
+        rest = [k for k in range(len(order)) if k not in seen]
+        if rest:
+            reduction.buckets.append(rest)
+    separate = state.separate_masters
+    inputs = joint.flat_inputs(args, kwargs, target)
+    tensors: list[Any] = [*params, *(masters if separate else []), *buffers]
+    slots = list(range(len(tensors), len(tensors) + len(inputs)))
+    tensors += [None] * len(inputs)
+    tensors += [t for s in states for t in s] + steps + list(state.lrs)
+    example = list(tensors)
+    for s, x in zip(slots, inputs):
+        example[s] = x
+    trainable = [p.requires_grad for p in params]
+    gm, layout, report = build_step_graph(joint, spec, separate_masters=separate, trainable=trainable,
+                                          reduction=reduction, grad_clip=grad_clip, example=example)
+    compiled = device.type == "cuda" if compile is None else compile
+    program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
+    report.update(nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
+                  cuda_graphs=program.cuda_graphs)
+    return program, report
+
+
+__all__ = ["StepState", "Unsupported", "compile_step", "make_state"]

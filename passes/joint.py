@@ -1,0 +1,142 @@
+"""Joint capture: one rank's forward, loss and backward as one aten graph (AOTAutograd joint export).
+
+The rank's rewritten forward graph (after the tensor-parallel and expert passes) and the user's loss
+are wrapped in one module that returns the scalar loss; :func:`export_joint` traces it with
+``torch._functorch.aot_autograd.aot_export_joint_with_descriptors``. The result is a functional
+graph whose placeholders are the parameters, the buffers, the flattened user inputs and the tangent
+of the loss, and whose outputs are the loss and one gradient per parameter. Every input and output
+carries a descriptor (``ParamAOTInput(target=...)``, ``GradAOTOutput(grad_of=...)``), which is how
+the gradient of each parameter is found by name, not by position.
+
+Backward is no longer walked by eager autograd: it is nodes in this graph, so the optimizer pass
+(passes/optimizer.py) can append the update and the runtime (runtime/program.py) can run the whole
+step as one program: compiled by Inductor on GPUs, as an FX module on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import GraphModule
+from torch.utils._pytree import tree_flatten
+
+from autoshard.runtime.errors import CaptureError
+
+
+class LossModule(torch.nn.Module):
+    """``forward(args, kwargs, target) -> loss`` over a rank's forward graph and the user's loss.
+
+    ``loss`` is ``loss(output, target) -> scalar tensor`` (the model's own loss when the user gave no
+    ``loss_fn``). The forward graph is registered as ``forward_graph``, so parameter names in the
+    joint graph are ``forward_graph.<model name>``.
+    """
+
+    def __init__(self, forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.forward_graph = forward_graph
+        self._loss = loss
+
+    def forward(self, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
+        loss = self._loss(self.forward_graph(*args, **kwargs), target)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ValueError(f"the loss must be a scalar, got shape {shape}")
+        return loss
+
+
+PREFIX = "forward_graph."
+
+
+@dataclass
+class JointGraph:
+    """A forward+backward graph and what each of its placeholders and outputs is.
+
+    ``gm([*params, *buffers, *inputs], [tangent])`` returns ``((loss,), grads)``; the gradient of
+    ``params[i]`` is ``grads[self.grads[i]]`` (``self.grads[i] is None`` where a parameter gets none).
+    """
+
+    gm: GraphModule
+    params: list[str]  # model names, in placeholder order
+    buffers: list[str]
+    num_inputs: int  # flattened (args, kwargs, target) tensors and scalars
+    grads: list[int | None]  # for params[i]: the index of its gradient in the graph's grads, or None
+    input_spec: Any  # pytree spec of (args, kwargs, target)
+    loss_dtype: torch.dtype = torch.float32
+
+    def flat_inputs(self, args: tuple, kwargs: dict, target: Any) -> list:
+        leaves, spec = tree_flatten((args, kwargs, target))
+        if str(spec) != str(self.input_spec):
+            raise ValueError("the inputs do not have the structure the program was captured with")
+        return leaves
+
+
+def export_joint(module: LossModule, args: tuple, kwargs: dict, target: Any) -> JointGraph:
+    """Trace ``module(args, kwargs, target)`` and its backward into one graph (see module docstring).
+
+    Raises :class:`CaptureError` when AOTAutograd cannot trace it, or when the step mutates a buffer
+    (batch-norm statistics): such programs keep the interpreted executor for now.
+    """
+    from torch._functorch.aot_autograd import aot_export_joint_with_descriptors
+
+    try:
+        with contextlib.ExitStack() as stack:
+            jd = aot_export_joint_with_descriptors(stack, module, (args, kwargs, target))
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        text = f"{type(e).__name__}: {e}".strip()
+        raise CaptureError(f"the joint forward+backward graph could not be traced: {text[:1500]}") from e
+    gm = jd.graph_module
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    params: list[str] = []
+    buffers: list[str] = []
+    inputs = 0
+    tangents = 0
+    for n in placeholders:
+        desc = n.meta.get("desc")
+        kind = type(desc).__name__
+        if kind == "ParamAOTInput":
+            params.append(_strip(desc.target))
+        elif kind == "BufferAOTInput":
+            buffers.append(_strip(desc.target))
+        elif kind == "PlainAOTInput":
+            inputs += 1
+        elif kind == "TangentAOTInput":
+            tangents += 1
+        else:
+            raise CaptureError(f"joint graph input {n.name} of an unsupported kind: {desc!r}")
+    if tangents != 1:
+        raise CaptureError(f"the joint graph has {tangents} tangents; a training step has one (the loss)")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    descs = out.meta.get("desc") or []
+    index: dict[str, int] = {}
+    for i, d in enumerate(descs):
+        kind = type(d).__name__
+        if d is None or kind == "PlainAOTOutput":
+            continue
+        if kind == "GradAOTOutput" and type(d.grad_of).__name__ == "ParamAOTInput":
+            index[_strip(d.grad_of.target)] = i - 1  # after the one forward output
+            continue
+        if kind == "GradAOTOutput":
+            continue  # gradients of inputs: not needed
+        raise CaptureError(f"the training step {_describe(d)}; the joint executor does not run it yet")
+    if not descs or type(descs[0]).__name__ != "PlainAOTOutput" or sum(
+            type(d).__name__ == "PlainAOTOutput" for d in descs) != 1:
+        raise CaptureError("the joint graph must return exactly one forward output, the loss")
+    val = getattr(out.args[0][0], "meta", {}).get("val")
+    return JointGraph(gm=gm, params=params, buffers=buffers, num_inputs=inputs,
+                      grads=[index.get(p) for p in params], input_spec=tree_flatten((args, kwargs, target))[1],
+                      loss_dtype=val.dtype if isinstance(val, torch.Tensor) else torch.float32)
+
+
+def _strip(target: str) -> str:
+    return target[len(PREFIX):] if target.startswith(PREFIX) else target
+
+
+def _describe(desc: Any) -> str:
+    kind = type(desc).__name__
+    if "Mutation" in kind:
+        return f"mutates an input or buffer ({desc!r}), e.g. batch-norm running statistics"
+    return f"has an output of an unsupported kind ({desc!r})"
