@@ -3,6 +3,10 @@
 The returned :class:`ShardedModule` owns this rank's parameter shards. Each distinct input
 signature (shapes, dtypes, train/eval) is captured once with ``torch.export`` and rewritten with the
 *same* parameter layouts, so any batch size works after the first.
+
+Why this module is long: it still holds the interpreted executor (eager backward, hooks, pipeline
+runner) beside the step program; the [compiler] rewrite moves plans onto the step program one by
+one (runtime/program.py, passes/compile.py) and this module shrinks as each old path is retired.
 """
 
 from __future__ import annotations
@@ -270,6 +274,7 @@ class ShardedModule(torch.nn.Module):
         self._joint = None  # passes.compile.StepState, made with the optimizer below
         self._step_programs: dict[tuple, Any] = {}
         self._step_reports: dict[str, Any] = {}
+        self._grad_norm = float("nan")  # the step program's global gradient norm (before clipping)
         self._zero: ZeroOptimizer | None = None
         self._gathers: list[dict] = []
         self.mesh = mesh
@@ -472,19 +477,25 @@ class ShardedModule(torch.nn.Module):
         prog = self._step_programs.get(key)
         if prog is None:
             fwd = self._program(args, kwargs, training=True)
-            dp = self.mesh.group("dp")
+            dp, tp = self.mesh.group("dp"), self.mesh.group("tp")
+            weight = {n: 1.0 if parse_placement(lay.placement).is_shard() else 1.0 / tp.size
+                      for n, lay in self._tp_plan.layouts.items()}
             prog, report = compile_step(
                 fwd, self._loss, self._joint, args, kwargs, target,
                 dp_group=dp.group.group_name if dp.size > 1 else None, dp_size=dp.size,
-                buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device)
+                buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device,
+                norm_group=tp.group.group_name if tp.size > 1 else None, norm_weight=weight)
             self._step_programs[key] = prog
             self._step_reports = report
+            C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
         self._joint.set_lrs()
         out = prog(tree_flatten((args, kwargs, target))[0])
-        loss, found = out.tolist()  # the one host synchronisation of the step
+        loss, found, self._grad_norm = out.tolist()  # the one host synchronisation of the step
         stepped = not found
         if self._step_reports.get("reduce_bytes"):
             C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
+        for key, nbytes in self._step_reports.get("traced_bytes", {}).items():
+            C.count_bytes(key, nbytes)  # the forward and backward collectives of one step, counted when traced
         self._count_comm()
         if not stepped:
             warnings.warn(f"step {self._steps}: loss {loss} or a gradient is not finite; optimizer step skipped "
@@ -1060,7 +1071,7 @@ class ShardedModule(torch.nn.Module):
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "pp_peak_inflight": self._last_inflight,
             "loss_scale": self._zero.loss_scale() if self._zero is not None else 1.0,
-            "grad_norm": self._zero.last_grad_norm if self._zero is not None else float("nan"),
+            "grad_norm": self._zero.last_grad_norm if self._zero is not None else self._grad_norm,
             **self._offload_stats(),
             "steps": self._steps,
             "skipped_steps": self._skipped,
@@ -1198,7 +1209,6 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (mesh.virtual, "a virtual mesh has no processes to run it"),
         (optimizer is None, "no optimizer (forward only)"),
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
-        (mesh.size("tp") > 1, "tensor-parallel collectives are not functional collectives yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
         (zero != 0, f"ZeRO-{zero} gathers and reduce-scatters are not graph nodes yet"),
         (offload is not None, "offload runs on the host"),

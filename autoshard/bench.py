@@ -36,6 +36,9 @@ Records (``--results FILE`` appends them to a JSON list) have the keys ``date, d
 commit, model, system, plan, tok_s_gpu, mfu, peak_gib`` plus ``gpus, batch, seq, step_s,
 loss_step1, params`` and, with ``--profile``, ``profile``. ``plot()`` draws a results file as
 a PNG; ``report()`` prints it as a Markdown table (the README's).
+
+Why this module is long: every peer system's set-up, the timing loop, the profiler breakdown and
+the report/plot writers must live in one module so one job measures them side by side.
 """
 
 from __future__ import annotations
@@ -69,6 +72,13 @@ MODELS: dict[str, dict[str, Any]] = {
              "seq": 2048, "batch": 2},
     "moe": {"arch": "moe", "d_model": 1024, "n_layers": 8, "n_heads": 16, "ffn": 2816, "vocab": 32000,
             "seq": 1024, "batch": 8, "experts": 8, "top_k": 2},
+    # unmodified Hugging Face transformers models built from a config (random weights, no download)
+    "hf-llama-953m": {"arch": "hf-llama", "d_model": 2048, "n_layers": 16, "n_heads": 16, "ffn": 5632,
+                      "vocab": 32000, "seq": 2048, "batch": 4},
+    "hf-llama-8b": {"arch": "hf-llama", "d_model": 4096, "n_layers": 32, "n_heads": 32, "n_kv_heads": 8,
+                    "ffn": 14336, "vocab": 128256, "seq": 2048, "batch": 1},
+    "hf-llama-tiny": {"arch": "hf-llama", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn": 128,
+                      "vocab": 256, "seq": 32, "batch": 2},
     "tiny": {"arch": "llama", "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn": 128, "vocab": 256,
              "seq": 32, "batch": 2},
     "tiny-moe": {"arch": "moe", "d_model": 32, "n_layers": 2, "n_heads": 4, "ffn": 64, "vocab": 128,
@@ -191,6 +201,14 @@ def build_model(name: str, overrides: dict[str, Any] | None = None) -> tuple[tor
         model: torch.nn.Module = Llama(LlamaConfig(
             vocab_size=spec["vocab"], d_model=spec["d_model"], n_layers=spec["n_layers"], n_heads=spec["n_heads"],
             n_kv_heads=spec["n_heads"], ffn=spec["ffn"], seq_len=spec["seq"]))
+    elif spec["arch"] == "hf-llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=spec["vocab"], hidden_size=spec["d_model"], intermediate_size=spec["ffn"],
+            num_hidden_layers=spec["n_layers"], num_attention_heads=spec["n_heads"],
+            num_key_value_heads=spec.get("n_kv_heads", spec["n_heads"]), max_position_embeddings=spec["seq"],
+            use_cache=False, tie_word_embeddings=False, attn_implementation="sdpa"))
     else:
         from autoshard.examples.moe_gpt import MoEGPT, MoEGPTConfig
 
@@ -209,15 +227,17 @@ def build_model(name: str, overrides: dict[str, Any] | None = None) -> tuple[tor
 
 
 def blocks_of(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The model's repeated blocks: its first ``ModuleList`` child with more than one entry."""
-    for child in model.children():
+    """The model's repeated blocks: its first ``ModuleList`` (at any depth) with more than one entry."""
+    for _, child in model.named_modules():
         if isinstance(child, torch.nn.ModuleList) and len(child) > 1:
             return child
     raise BenchError(f"{type(model).__name__} has no ModuleList of blocks to wrap")
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32 (the loss every system trains on)."""
+def lm_loss(logits: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32 (the loss every system trains on); takes the logits or a
+    Hugging Face output that has them."""
+    logits = getattr(logits, "logits", logits)
     return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
@@ -525,6 +545,8 @@ def describe_plan(sm: Any) -> str:
     if p.attention and p.attention.get("replaced"):
         density = p.attention["replaced"][0]["density"]
         parts.append(f"block-sparse attention ({100 * density:.1f}% of blocks)")
+    if getattr(sm, "executor", "") == "step-program":
+        parts.append("step program")
     return " ".join(parts)
 
 
@@ -593,12 +615,14 @@ def run_rank(cfg: BenchConfig) -> list[dict[str, Any]] | None:
                                "peak_gib": None, "step_s": None, "loss_step1": None}
         sm = None
         try:
+            t_setup = time.perf_counter()
             if kind == "autoshard":
                 step, rec["plan"], sm = _setup_autoshard(ctx, opts)
                 is_global = True
             else:
                 step, rec["plan"], is_global = _setup_peer(ctx, kind)
             first = float(step())  # the first warm-up step: its loss is the same function on every system
+            rec["first_step_s"] = time.perf_counter() - t_setup  # capture + plan + compile + one step
             rec["loss_step1"] = first if is_global else _mean_over_ranks(first, device)
             warm = cfg.warmup + (2 if "compile" in kind else 0)  # compiled systems recompile once more
             t = timed(step, max(warm - 1, 0), cfg.iters, device)

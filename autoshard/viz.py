@@ -19,6 +19,9 @@ what rank 0 would run. This module does the looking:
 
 Every piece of text that comes from the model (module names, op names, source lines, reasons) is
 escaped before it is written into SVG or HTML.
+
+Why this module is long: one self-contained HTML/SVG renderer (layout, styles, escaping) with its
+graph-to-view conversion; splitting it would spread one picture's rules over several files.
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
 def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], state: StepState,
                  args: tuple, kwargs: dict, target: Any, *, dp_group: str | None, dp_size: int,
                  buckets: list[list[str]], grad_clip: float | None, device: torch.device,
+                 norm_group: str | None = None, norm_weight: dict[str, float] | None = None,
                  compile: bool | None = None) -> tuple[StepProgram, dict[str, Any]]:
     """Capture the joint graph of ``forward_graph`` + ``loss`` on this batch, add reduction and update,
     and lower it. Returns the program and a report (nodes, collectives, bytes sent per step).
@@ -114,7 +115,12 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     Raises :class:`Unsupported` or :class:`~autoshard.runtime.errors.CaptureError` when the step cannot be
     expressed; nothing has been changed then.
     """
+    from autoshard.runtime import collectives as C
+
+    before = dict(C.bytes_sent())
     joint = export_joint(LossModule(forward_graph, loss), args, kwargs, target)
+    # tracing ran every forward and backward collective once: that is one step's traffic per group
+    traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
     ident = {id(p): i for i, p in enumerate(state.params)}
     order: list[int] = []
     for name in joint.params:
@@ -131,7 +137,8 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     steps = [state.steps[i] for i in order]
     pos = {state.names[i]: k for k, i in enumerate(order)}
     reduction = Reduction(dp_group if dp_size > 1 else None, dp_size,
-                          [[pos[n] for n in b if n in pos] for b in buckets])
+                          [[pos[n] for n in b if n in pos] for b in buckets], norm_group,
+                          [(norm_weight or {}).get(state.names[i], 1.0) for i in order])
     if dp_size > 1:  # parameters in no bucket (none today) still get reduced, one bucket of their own
         seen = {i for b in reduction.buckets for i in b}
         rest = [k for k in range(len(order)) if k not in seen]
@@ -151,7 +158,7 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
                                           reduction=reduction, grad_clip=grad_clip, example=example)
     compiled = device.type == "cuda" if compile is None else compile
     program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
-    report.update(nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
+    report.update(traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
                   cuda_graphs=program.cuda_graphs)
     return program, report
 

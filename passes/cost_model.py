@@ -47,6 +47,9 @@ fp32 gradient shard ``4Ψ/dp`` from stage 2, and the larger of (activations of t
 flight + backward transients + gradients accumulating across micro-batches) and (the fp32 gradient
 buckets alive at the end of backward below stage 2). Activation checkpointing keeps a block's input
 instead of its saved tensors and adds one forward of the block to backward.
+
+Why this module is long: analysis (FLOPs, bytes, saved activations per block) and the symbolic
+step-time and memory formulas share one vocabulary of regions and terms; they are one model.
 """
 
 from __future__ import annotations

@@ -28,6 +28,10 @@ The pass is pure: ``fuse_graph(gm) -> (gm, report)`` rewrites ``gm`` (a fresh ca
 JSON-able report: ``regions`` (every fused region: kind, kernel, the aten ops and nodes it
 replaced, module and source line) and ``rejected`` (each candidate left alone, with the reason:
 ``single op, nothing to fuse``, ``mixed shapes ...``, ``op without a rule: aten.xyz``, ...).
+
+Why this module is long: template matching and the pointwise-chain generator share the region
+bookkeeping and the rejection reasons the plan reports; kept together until the step program's
+Inductor lowering retires the generator.
 """
 
 from __future__ import annotations

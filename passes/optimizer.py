@@ -10,7 +10,7 @@ function that a training step is::
     grads *= min(1, clip / (‖g‖ + 1e-6))                      # with grad_clip
     masters, states = update(masters, grads, states, lr)      # SGD / Adam / AdamW, torch's formulas
     params = masters.to(compute dtype)                        # bf16: the compute copy, written in place
-    return [loss, found]
+    return [loss, found, ‖g‖]
 
 Every update is written in place into the program's own tensors (``copy_`` nodes at the end), and
 only when ``found`` is false (``where``), so one replay of the graph is one step and the host reads
@@ -106,48 +106,63 @@ class Reduction:
     group_name: str | None  # the c10d name of the data-parallel process group
     size: int = 1
     buckets: list[list[int]] = field(default_factory=list)  # parameter indices, each bucket one all-reduce
+    # the global gradient norm (non-finite check, clipping) over tensor-parallel shards: each parameter's
+    # sum of squares weighted (1/tp for a replicated one, counted on every tp rank) and summed over this group
+    norm_group: str | None = None
+    norm_weight: list[float] = field(default_factory=list)
 
 
 def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters: bool,
                      trainable: list[bool], reduction: Reduction, grad_clip: float | None,
                      example: list[Any]) -> tuple[GraphModule, StepLayout, dict[str, Any]]:
-    """Trace the step function over ``example`` (real tensors in :class:`StepLayout` order).
+    """The step graph over inputs in :class:`StepLayout` order (``example``: real tensors of that order).
 
+    The tail (reduction, skip, clipping, update) is traced alone over fake tensors and appended to a
+    copy of the joint graph, whose outputs feed it: the joint graph is not traced a second time.
     Returns the step graph, its input layout and a report (collectives, bytes per step).
     """
+    from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.proxy_tensor import make_fx
 
     n = len(joint.params)
-    trainable = [t and g is not None for t, g in zip(trainable, joint.grads)]  # an unused parameter: no update
+    joint_out = next(nd for nd in joint.gm.graph.nodes if nd.op == "output").args[0]
+    # a parameter no gradient reaches (unused in this signature's graph) gets no update, as in torch.optim
+    trainable = [t and g is not None and joint_out[1 + g] is not None for t, g in zip(trainable, joint.grads)]
     layout = StepLayout(num_params=n, num_buffers=len(joint.buffers), num_inputs=joint.num_inputs,
                         separate_masters=separate_masters, state_keys=spec.state_keys,
                         num_groups=len(spec.groups), trainable=list(trainable))
-    if len(example) != layout.count():
+    count = layout.count()
+    if len(example) != count:
         raise ValueError(f"step graph: {len(example)} example inputs, the layout needs {layout.count()}")
-    def step(*flat):
-        with torch.no_grad():  # the graph is already forward + backward: nothing here is differentiated
-            return _step(*flat)
+    present = [i for i in range(n) if trainable[i]]
 
-    def _step(*flat):
-        it = iter(flat)
+    def tail(*flat):
+        with torch.no_grad():  # the joint graph is already forward + backward: nothing here is differentiated
+            return _tail(*flat)
+
+    def _tail(*flat):
+        it = iter(flat[:count])
         params = [next(it) for _ in range(n)]
         masters = [next(it) for _ in range(n)] if separate_masters else params
-        buffers = [next(it) for _ in range(layout.num_buffers)]
-        inputs = [next(it) for _ in range(layout.num_inputs)]
+        for _ in range(layout.num_buffers + layout.num_inputs):
+            next(it)
         states = [[next(it) for _ in range(n)] for _ in spec.state_keys]
         steps = [next(it) for _ in range(n)]
         lrs = [next(it) for _ in range(layout.num_groups)]
-        tangent = torch.ones((), dtype=joint.loss_dtype, device=lrs[0].device if lrs else None)
-        (loss,), joint_grads = joint.gm([*params, *buffers, *inputs], [tangent])
-        loss = loss.float()
-        grads: list[torch.Tensor | None] = []
-        for i, g in enumerate(joint.grads):
-            t = joint_grads[g] if (g is not None and trainable[i]) else None
-            grads.append(t.float() if t is not None else None)  # None: unused, never updated (as torch.optim)
+        loss = flat[count].float()
+        grads: list[torch.Tensor | None] = [None] * n  # None: no gradient, never updated (as torch.optim)
+        for k, i in enumerate(present):
+            grads[i] = flat[count + 1 + k].float()
         if reduction.group_name is not None and reduction.size > 1:
             grads, loss = _all_reduce_mean(grads, loss, reduction)
-        live = [g for g in grads if g is not None]
-        sumsq = torch.stack([g.pow(2).sum() for g in live]).sum() if live else torch.zeros((), device=loss.device)
+        live = [(i, g) for i, g in enumerate(grads) if g is not None]
+        w = reduction.norm_weight or [1.0] * n
+        sumsq = (torch.stack([g.pow(2).sum() * w[i] if w[i] != 1.0 else g.pow(2).sum() for i, g in live]).sum()
+                 if live else torch.zeros((), device=loss.device))
+        if reduction.norm_group is not None:
+            from torch.distributed import _functional_collectives as funcol
+
+            sumsq = funcol.wait_tensor(funcol.all_reduce(sumsq.reshape(1), "sum", reduction.norm_group)).reshape(())
         found = torch.logical_not(torch.isfinite(loss) & torch.isfinite(sumsq))
         if grad_clip is not None:
             coef = torch.clamp(grad_clip / (sumsq.sqrt() + 1e-6), max=1.0)
@@ -157,19 +172,84 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
             if g is None:
                 continue
             hp = spec.groups[spec.group_of[i]]
-            lr = lrs[spec.group_of[i]]
             st = [s[i] for s in states]
-            new_p, new_st, new_step = _update(spec.kind, hp, masters[i], g, st, steps[i], lr)
-            keep = found
+            new_p, new_st, new_step = _update(spec.kind, hp, masters[i], g, st, steps[i], lrs[spec.group_of[i]])
             for old, new in [(masters[i], new_p), *zip(st, new_st), (steps[i], new_step)]:
-                old.copy_(torch.where(keep, old, new.to(old.dtype)))
+                old.copy_(torch.where(found, old, new.to(old.dtype)))
             if separate_masters:
                 params[i].copy_(masters[i].to(params[i].dtype))
-        return torch.stack([loss, found.float()])
+        return torch.stack([loss, found.float(), sumsq.sqrt()])
 
-    gm = make_fx(step, tracing_mode="fake")(*example)
-    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(joint, reduction, example, layout)}
+    wanted = [joint_out[0]] + [joint_out[1 + joint.grads[i]] for i in present]
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
+    with fake_mode:
+        extra = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                 for v in (w.meta["val"] for w in wanted)]
+    tail_gm = make_fx(tail, tracing_mode="fake")(*fakes, *extra)
+    gm = _splice(joint, tail_gm, layout, wanted)
+    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout)}
     return gm, layout, report
+
+
+def _splice(joint: JointGraph, tail: GraphModule, layout: StepLayout, wanted: list[torch.fx.Node]) -> GraphModule:
+    """One graph: a copy of the joint graph, then the tail fed by the joint graph's loss and gradients."""
+    graph = torch.fx.Graph()
+    root = torch.nn.Module()
+    tail_ph = [nd for nd in tail.graph.nodes if nd.op == "placeholder"]
+    count = layout.count()
+    step_ph = [graph.placeholder(p.name) for p in tail_ph[:count]]
+    for p, q in zip(step_ph, tail_ph):
+        p.meta = dict(q.meta)
+    masters = layout.num_params if layout.separate_masters else 0
+    first_buffer = layout.num_params + masters
+    primals = step_ph[:layout.num_params] + step_ph[first_buffer:first_buffer + layout.num_buffers + layout.num_inputs]
+    env: dict[torch.fx.Node, Any] = {}
+    jph = [nd for nd in joint.gm.graph.nodes if nd.op == "placeholder"]
+    for nd, p in zip(jph, primals):
+        env[nd] = p
+    loss_val = wanted[0].meta["val"]
+    tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
+                                  {"dtype": joint.loss_dtype, "device": loss_val.device, "pin_memory": False})
+    env[jph[-1]] = tangent
+    for nd in joint.gm.graph.nodes:
+        if nd.op in ("placeholder", "output"):
+            continue
+        if nd.op == "get_attr":
+            _copy_attr(joint.gm, root, nd.target, nd.target)
+        env[nd] = graph.node_copy(nd, lambda a: env[a])
+    tenv: dict[torch.fx.Node, Any] = dict(zip(tail_ph[:count], step_ph))
+    for k, p in enumerate(tail_ph[count:]):
+        tenv[p] = env[wanted[k]]
+    for nd in tail.graph.nodes:
+        if nd.op == "placeholder":
+            continue
+        if nd.op == "output":
+            graph.output(torch.fx.map_arg(nd.args[0], lambda a: tenv[a]))
+            continue
+        new = graph.node_copy(nd, lambda a: tenv[a])
+        if nd.op == "get_attr":
+            new.target = "tail_" + nd.target.replace(".", "_")
+            _copy_attr(tail, root, nd.target, new.target)
+        tenv[nd] = new
+    graph.lint()
+    return GraphModule(root, graph)
+
+
+def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, name: str, as_name: str) -> None:
+    obj = src
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    *path, leaf = as_name.split(".")
+    mod = dst
+    for part in path:
+        if not hasattr(mod, part):
+            mod.add_module(part, torch.nn.Module())
+        mod = getattr(mod, part)
+    if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+        mod.register_buffer(leaf, obj)
+    else:
+        setattr(mod, leaf, obj)
 
 
 def _all_reduce_mean(grads, loss, reduction: Reduction):
@@ -226,7 +306,7 @@ def _collectives(gm: GraphModule) -> list[str]:
             if n.op == "call_function" and "_c10d_functional" in str(n.target) and "wait" not in str(n.target)]
 
 
-def _reduce_bytes(joint: JointGraph, reduction: Reduction, example: list[Any], layout: StepLayout) -> float:
+def _reduce_bytes(reduction: Reduction, example: list[Any], layout: StepLayout) -> float:
     """Bytes this rank sends per step for the gradient and loss all-reduces (ring count, fp32)."""
     if reduction.group_name is None or reduction.size <= 1:
         return 0.0

@@ -46,6 +46,9 @@ the plan (ties: less memory, then the simpler plan). The planner also reports
 
 An 80-layer model on 512 GPUs plans in a few seconds: one capture of a one-block model, the
 tensor-parallel pass once per ``tp``, and a vectorised evaluation of the candidates.
+
+Why this module is long: the search, its constraints and the explanation of the binding constraint
+are one algorithm whose docstring states the problem; the cost terms live in cost_model.py.
 """
 
 from __future__ import annotations

@@ -67,12 +67,16 @@ def _group(key: str) -> GroupHandle:
         ) from None
 
 
+# The differentiable collectives run torch's functional collectives (``_c10d_functional`` ops): out of
+# place, so they work eagerly and trace into a joint forward+backward graph as ordinary nodes.
+_F = torch.ops._c10d_functional
+
+
 def _all_reduce(x: torch.Tensor, key: str) -> torch.Tensor:
     g = _group(key)
     if g.size == 1:
         return x
-    out = x.contiguous().clone()
-    dist.all_reduce(out, group=g.group)
+    out = _F.wait_tensor(_F.all_reduce(x.contiguous(), "sum", g.group.group_name))
     count_bytes(key, 2 * (g.size - 1) / g.size * out.numel() * out.element_size())
     return out
 
@@ -83,8 +87,7 @@ def _all_gather(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
         return x
     dim = dim % x.dim()
     moved = x.movedim(dim, 0).contiguous()
-    out = torch.empty((g.size * moved.shape[0], *moved.shape[1:]), dtype=x.dtype, device=x.device)
-    _ALL_GATHER(out, moved, group=g.group)
+    out = _F.wait_tensor(_F.all_gather_into_tensor(moved, g.size, g.group.group_name))
     count_bytes(key, (g.size - 1) * moved.numel() * moved.element_size())
     return out.movedim(0, dim)
 

@@ -30,6 +30,9 @@ gradient is counted once.
 
 Layers are named by a string key (like collective groups) so the rewritten graph prints and
 re-emits as Python; :func:`register_layer` binds a key to its :class:`MoeLayer`.
+
+Why this module is long: both MoE forms (fused 3-D experts and ModuleList experts) share dispatch,
+capacity, counting and the grouped GEMM; they are one runtime.
 """
 
 from __future__ import annotations

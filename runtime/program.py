@@ -10,7 +10,7 @@ learning-rate scalar per optimizer group. Two speeds, one path:
   host launches one graph per step instead of a few thousand kernels. ``AUTOSHARD_CUDA_GRAPHS=0``
   turns the replay off; a capture that fails falls back to plain launches with a warning.
 
-A step returns a device tensor ``[global loss, skipped]``; the caller reads it once.
+A step returns a device tensor ``[global loss, skipped, gradient norm]``; the caller reads it once.
 """
 
 from __future__ import annotations

@@ -52,6 +52,10 @@ presents them as one (``sm.optimizer``). The per-element arithmetic is that of t
 fp16 uses a dynamic loss scaler with DeepSpeed's semantics: initial scale 2**16, ×2 after 1000
 clean steps, hysteresis 2 (the second overflow in a row halves the scale), a skipped step on every
 overflow, and an error when the scale would fall below the minimum.
+
+Why this module is long: flat buckets, partitioned states, mixed precision, offload and the
+one-sync step are one memory manager whose invariants span them; the step program takes them over
+stage by stage.
 """
 
 from __future__ import annotations
