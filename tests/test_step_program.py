@@ -1,0 +1,203 @@
+"""The step program ([compiler]): forward, backward, reduction and update as one graph per signature.
+
+Contract 1 for the plans it runs is in tests/test_parity.py (dp, tp, dp×tp under SGD and AdamW, all on
+the step program now); here: which plans it runs and why not the others, contract 2 on the compiled
+programs (every rank's step graph issues the same collectives in the same order), clipping, LR
+schedulers, the non-finite skip, bf16 masters and what the graph shows.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import autoshard
+from parity import batch, check, inputs, make_model, make_optimizer, reference
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by inf where ``flag`` (a tensor input) is set."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.save_for_backward(flag)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (flag,) = ctx.saved_tensors
+        return g * torch.where(flag, float("inf"), 1.0), None
+
+
+def _gpt_loss(logits, target):
+    tokens, flag = target
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+    return _PoisonGrad.apply(loss, flag)
+
+
+def _collective_signature(sm) -> list[str]:
+    """Every collective node of every step graph, in graph order: op, group and shapes."""
+    out = []
+    for prog in sm._step_programs.values():
+        for n in prog.gm.graph.nodes:
+            if n.op == "call_function" and "_c10d_functional" in str(n.target):
+                val = n.meta.get("val")
+                out.append(f"{n.target}{[a for a in n.args[1:]]}{tuple(val.shape) if hasattr(val, 'shape') else ''}")
+    return out
+
+
+def _worker(case: str) -> dict:
+    """One case on every rank of a 2-rank launch; returns this rank's result."""
+    mesh = autoshard.Mesh(**({"dp": 2} if case.startswith("dp") else {"tp": 2}))
+    kind = "llama" if case == "dp-clip" else "gpt"
+    per = 8 // mesh.data_size
+    lo = mesh.data_rank * per
+    inp0, _, loss_fn = inputs(kind, batch(0)[lo:lo + per])
+    opts = {"grad_clip": 0.05} if case == "dp-clip" else {}
+    opt = "adamw" if case == "dp-clip" else "sgd"
+    sm = autoshard.autoshard(make_model(kind), mesh, example_inputs=inp0, loss_fn=loss_fn,
+                             optimizer=make_optimizer(opt), **opts)
+    sched = torch.optim.lr_scheduler.StepLR(sm.optimizer, step_size=2, gamma=0.5) if case == "tp-sched" else None
+    losses = []
+    for step in range(5):
+        inp, target, _ = inputs(kind, batch(step)[lo:lo + per])
+        losses.append(sm.train_step(inp, target))
+        if sched is not None:
+            sched.step()
+    return {"losses": losses, "state": sm.full_state_dict(), "stats": sm.stats(), "executor": sm.executor,
+            "collectives": _collective_signature(sm), "rank": mesh.rank}
+
+
+def _run(cases):
+    return [_worker(c) for c in cases]
+
+
+CASES = ["dp-clip", "tp-sched"]
+
+
+@pytest.fixture(scope="module")
+def world2():
+    per_rank = autoshard.launch(_run, 2, CASES, device="cpu")
+    return {c: [per_rank[r][i] for r in range(2)] for i, c in enumerate(CASES)}
+
+
+def _reference_sched():
+    model = make_model("gpt")
+    opt = make_optimizer("sgd")(list(model.parameters()))
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    losses = []
+    for step in range(5):
+        inp, target, loss_fn = inputs("gpt", batch(step))
+        loss = loss_fn(model(*inp), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+    return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_dp_with_clipping_matches_the_unmodified_model(world2):
+    r0, _ = world2["dp-clip"]
+    assert r0["executor"] == "step-program"
+    check(r0, reference("llama", "adamw", grad_clip=0.05), "adamw")
+    assert r0["stats"]["dp_comm_bytes"] > 0 and r0["stats"]["grad_norm"] > 0.05  # clipping was active
+
+
+@pytest.mark.slow
+def test_lr_scheduler_drives_the_program(world2):
+    r0, _ = world2["tp-sched"]
+    assert r0["executor"] == "step-program"
+    check(r0, _reference_sched(), "sgd")
+    assert r0["stats"]["tp_comm_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES)
+def test_every_rank_issues_the_same_collectives_in_the_same_order(world2, case):
+    """Contract 2 on the compiled programs: the step graphs' collective nodes agree rank by rank."""
+    a, b = world2[case]
+    assert a["collectives"], "the step graph should hold the plan's collectives"
+    assert a["collectives"] == b["collectives"]
+    if case == "dp-clip":
+        assert any("all_reduce" in c for c in a["collectives"])
+    else:
+        assert any("all_gather" in c for c in a["collectives"]) or any("all_reduce" in c for c in a["collectives"])
+
+
+# ------------------------------------------------------------------ one process
+def _single(kind="gpt", opt="sgd", **options):
+    inp, _, loss_fn = inputs(kind, batch(0))
+    return autoshard.autoshard(make_model(kind), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
+                               optimizer=make_optimizer(opt), **options)
+
+
+def test_plans_it_cannot_run_say_why():
+    sm = _single(zero=1)
+    assert sm.executor == "interpreted"
+    assert any("executor: interpreted" in n and "ZeRO-1" in n for n in sm.plan.notes)
+    inp, _, loss_fn = inputs("gpt", batch(0))
+    sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
+                             optimizer=lambda ps: torch.optim.Adagrad(ps, lr=0.1))
+    assert sm.executor == "interpreted" and any("Adagrad" in n for n in sm.plan.notes)
+
+
+def test_executor_switch(monkeypatch):
+    monkeypatch.setenv("AUTOSHARD_EXECUTOR", "interpreted")
+    assert _single().executor == "interpreted"
+    monkeypatch.delenv("AUTOSHARD_EXECUTOR")
+    sm = _single()
+    assert sm.executor == "step-program"
+    assert any("executor: the step program" in n for n in sm.plan.notes)
+
+
+def test_non_finite_gradient_skips_the_step_and_counts_it():
+    inp, tokens, _ = inputs("gpt", batch(0))
+    sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=_gpt_loss,
+                             optimizer=make_optimizer("adamw"))
+    clean, poison = torch.tensor(False), torch.tensor(True)
+    sm.train_step(inp, (tokens, clean))
+    before = {n: p.detach().clone() for n, p in sm.local_parameters().items()}
+    steps_before = {n: float(sm.optimizer.state[p]["step"]) for n, p in sm.local_parameters().items()}
+    with pytest.warns(UserWarning, match="not finite"):
+        loss = sm.train_step(inp, (tokens, poison))  # finite loss, infinite gradients
+    assert loss == loss and abs(loss) != float("inf")
+    assert sm.stats()["skipped_steps"] == 1
+    for n, p in sm.local_parameters().items():
+        assert torch.equal(p, before[n]), n
+        assert float(sm.optimizer.state[p]["step"]) == steps_before[n]
+    sm.train_step(inp, (tokens, clean))
+    assert sm.stats()["skipped_steps"] == 1 and sm.stats()["steps"] == 3
+    assert any(not torch.equal(p, before[n]) for n, p in sm.local_parameters().items())
+
+
+def test_bf16_keeps_fp32_masters_in_the_optimizer():
+    sm = _single(opt="adamw", precision="bf16")
+    assert sm.executor == "step-program"
+    inp, target, _ = inputs("gpt", batch(1))
+    losses = [sm.train_step(inp, target) for _ in range(3)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    for n, p in sm.local_parameters().items():
+        assert p.dtype == torch.bfloat16
+        master = sm._joint.master(n)
+        assert master.dtype == torch.float32 and sm.optimizer.state[master]["exp_avg"].dtype == torch.float32
+        assert torch.equal(master.to(torch.bfloat16), p)
+    ref_losses, _ = reference("gpt", "adamw", steps=1)
+    fresh = _single(opt="adamw", precision="bf16")
+    first = fresh.train_step(*inputs("gpt", batch(0))[:2])
+    assert abs(first - ref_losses[0]) / ref_losses[0] < 2e-2  # bf16 compute: within bf16 rounding
+
+
+def test_the_step_graph_shows_forward_backward_and_update():
+    sm = _single(opt="adamw")
+    inp, target, _ = inputs("gpt", batch(0))
+    sm.train_step(inp, target)
+    (prog,) = sm._step_programs.values()
+    text = str(prog.gm.graph)
+    assert "aten.mm" in text or "aten.addmm" in text  # forward and backward matmuls
+    copies = [n for n in prog.gm.graph.nodes if n.target is torch.ops.aten.copy_.default]
+    # each trainable parameter: parameter, exp_avg, exp_avg_sq and step written in place
+    trainable = sum(p.requires_grad for p in sm.local_parameters().values())
+    assert len(copies) == 4 * trainable
+    assert "aten.where" in text and "aten.logical_not" in text  # the device-side skip
