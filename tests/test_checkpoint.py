@@ -215,6 +215,7 @@ def _save_error(sm, path: str) -> str | None:
 def _ownership(sm, good: str, saved: dict, tmp: str) -> dict:
     """pp=2 saves (two writer ranks) next to files autoshard did not write, with no object collective allowed."""
     out: dict = {}
+    tmp = os.path.join(tmp, "ownership")  # kept leftovers stay out of the directory test_manifest_format checks
     web = os.path.join(tmp, "web")  # a project that has its own manifest.json
 
     def make_web() -> None:
@@ -460,6 +461,7 @@ def test_checkpoint_module_uses_no_object_collectives():
 def test_save_refuses_what_it_did_not_write(tmp):
     """One process: a web project with its own manifest.json, a plain directory, a file: errors, nothing touched."""
     sm, _ = _module("gpt", {}, {})
+    tmp = os.path.join(tmp, "ownership-single")
     web = os.path.join(tmp, "web-single")
     os.makedirs(os.path.join(web, "src"))
     os.makedirs(os.path.join(web, "data"))
@@ -488,7 +490,7 @@ def test_save_refuses_what_it_did_not_write(tmp):
 def test_save_keeps_user_files_and_cleans_stale_temp_dirs(tmp):
     """One process: files the manifest does not list survive a save over the checkpoint; killed saves' temp
     directories are deleted by the next successful save, unless they hold anything autoshard does not write."""
-    path = os.path.join(tmp, "keep-single")
+    path = os.path.join(tmp, "ownership-single", "keep-single")
     sm, rows = _module("gpt", {}, {})
     sm.save(path)
     open(os.path.join(path, "tokenizer.json"), "w").write('{"vocab": 128}')
