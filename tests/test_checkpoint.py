@@ -515,6 +515,20 @@ def test_save_keeps_user_files_and_cleans_stale_temp_dirs(tmp):
     assert _same(export_state_dict(sm), export_state_dict(fresh)) == []
 
 
+
+def test_manifest_cannot_name_a_file_outside_the_checkpoint(tmp):
+    """A manifest that lists a path outside the checkpoint is refused before anything is opened."""
+    path = os.path.join(tmp, "ownership-single", "escape")
+    sm, _ = _module("gpt", {}, {})
+    sm.save(path)
+    m = os.path.join(path, "manifest.json")
+    d = json.load(open(m))
+    d["files"][0]["file"] = "../outside.pt"
+    json.dump(d, open(m, "w"))
+    with pytest.raises(CheckpointError, match="corrupt: it lists '../outside.pt'"):
+        autoshard.load(path, sm)
+
+
 # =============================================================================== plain state dicts
 def test_import_state_dict(world2):
     for r in world2:
