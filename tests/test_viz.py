@@ -223,6 +223,8 @@ def test_module_name_with_a_quote_is_a_capture_error(tmp_path, capsys):
         assert "autoshard: error:" in err and "could not turn the graph into a module" in err, err
         assert "SyntaxError" in err and "rename it" in err and "Traceback" not in err
     assert not (tmp_path / "q.html").exists()
+    assert main(["check", f"{src}:Quote", "--mesh", "tp=2", "--input", "int64[2,8]"]) == 2  # 1 would mean fallbacks
+    assert "could not turn the graph into a module" in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "autoshard", "viz", f"{src}:Quote", "--mesh", "tp=2", "--input",
                            "int64[2,8]", "-o", str(tmp_path / "q.html")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
