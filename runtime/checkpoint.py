@@ -337,21 +337,25 @@ def _swap(tmp: str, path: str, token: str) -> None:
     _fsync_dir(os.path.dirname(path))
     if old is None:
         return
-    owned = _owned(old) if os.listdir(old) else set()  # checked by _replaceable just before
-    kept = []
-    for name in sorted(set(os.listdir(old)) - owned):
-        try:
-            os.rename(os.path.join(old, name), os.path.join(path, name))
-        except OSError:
-            kept.append(name)
-    if kept:  # never delete what autoshard did not write: leave the old directory, say where
+    try:
+        owned = _owned(old) if os.listdir(old) else set()  # checked by _replaceable just before
+        kept = []
+        for name in sorted(set(os.listdir(old)) - owned):
+            try:
+                os.rename(os.path.join(old, name), os.path.join(path, name))
+            except OSError:
+                kept.append(name)
         _fsync_dir(path)
+        if not kept:  # never delete what autoshard did not write: with files of the user's left, keep it all
+            for name in owned:
+                os.remove(os.path.join(old, name))
+            os.rmdir(old)
+    except (OSError, CheckpointError) as e:
+        raise CheckpointError(f"the checkpoint at {path} is saved, but the previous one could not be cleared away "
+                              f"({e}); what is left of it is in {old}") from e
+    if kept:
         raise CheckpointError(f"the checkpoint at {path} is saved, but {len(kept)} file(s) of yours that were in "
                               f"that directory could not be moved into it (first {kept[0]!r}); they are in {old}")
-    for name in owned:
-        os.remove(os.path.join(old, name))
-    os.rmdir(old)
-    _fsync_dir(path)
 
 
 def _clean_stale(path: str, token: str) -> None:

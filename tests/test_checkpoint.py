@@ -516,6 +516,24 @@ def test_save_keeps_user_files_and_cleans_stale_temp_dirs(tmp):
 
 
 
+def test_user_files_that_cannot_move_are_kept_and_named(tmp, monkeypatch):
+    """If a file of the user's cannot move into the new checkpoint, nothing of the old directory is deleted."""
+    path = os.path.join(tmp, "ownership-single", "stuck-user")
+    sm, _ = _module("gpt", {}, {})
+    sm.save(path)
+    open(os.path.join(path, "tokenizer.json"), "w").write("{}")
+    real = os.rename
+    monkeypatch.setattr(os, "rename", lambda src, dst: _raise(OSError("busy")) if src.endswith("tokenizer.json")
+                        else real(src, dst))
+    with pytest.raises(CheckpointError, match=r"is saved, but 1 file\(s\) of yours .*'tokenizer.json'.*stuck-user.old-"):
+        sm.save(path)
+    monkeypatch.undo()
+    old = glob.glob(path + ".old-*")
+    assert len(old) == 1 and open(os.path.join(old[0], "tokenizer.json")).read() == "{}"
+    read_manifest(path)  # the new checkpoint is in place
+    read_manifest(old[0])  # and the old one whole, beside it
+
+
 def test_manifest_cannot_name_a_file_outside_the_checkpoint(tmp):
     """A manifest that lists a path outside the checkpoint is refused before anything is opened."""
     path = os.path.join(tmp, "ownership-single", "escape")
