@@ -336,8 +336,10 @@ def _plan_diff(paths: list[str]) -> int:
         try:
             with open(path, encoding="utf-8") as f:
                 plans.append(AutoPlan.from_json(f.read()))
-        except ValueError as e:
+        except ValueError as e:  # PlanFileError names the key at fault; UnicodeDecodeError a binary file
             raise ValueError(f"--diff {path}: {e}") from None
+        except OSError as e:
+            raise ValueError(f"--diff {path}: cannot read it ({e.strerror or e})") from None
     changed, lines = diff(plans[0], plans[1])
     print(f"--- {paths[0]}: {plans[0].decision_text()}")
     print(f"+++ {paths[1]}: {plans[1].decision_text()}")

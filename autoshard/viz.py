@@ -44,6 +44,7 @@ from autoshard.passes.capture import capture
 from autoshard.passes.pipeline_split import find_blocks, split_stages
 from autoshard.passes.tensor_parallel import TensorParallelPlan, apply_tensor_parallel, module_path, source_line
 from autoshard.runtime import collectives as C
+from autoshard.runtime.errors import CaptureError
 from autoshard.runtime.mesh import Mesh
 from autoshard.runtime.plan import Plan
 
@@ -132,6 +133,9 @@ def lower(
                    microbatches=microbatches, virtual_stages=virtual_stages, attention=attention)
     plan = sm.plan
     name = type(model).__name__
+    if getattr(sm, "fallback", None):  # capture failed and autoshard fell back to the unmodified module
+        reason = plan.fallbacks[0]["reason"] if plan.fallbacks else "torch.export failed"
+        raise CaptureError(f"there is no graph of {name} to draw or check: {reason}")
     if isinstance(sm.module, GraphModule):
         stage_of = {n.name: 0 for n in sm.module.graph.nodes}
         return Lowered(sm, name, sm.module, stage_of, [list(plan.params)])

@@ -93,7 +93,20 @@ def capture(
             "example inputs match what the model expects, or run "
             "torch.export.export(model, args, strict=False) yourself to see the failing line."
         ) from e
-    gm = ep.module()
+    try:  # ep.module() writes the graph out as Python source and compiles it: names can still break it
+        gm = ep.module()
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        last = "".join(traceback.format_exception_only(type(e), e)).strip()
+        if len(last) > 1500:
+            last = last[:1500] + " ..."
+        hint = ("a submodule, parameter or buffer name holds a character that cannot appear in the Python code "
+                "torch.fx generates (a quote, a backslash or a newline); rename it, e.g. add_module('a_b', ...) "
+                "instead of add_module('a\"b', ...)") if isinstance(e, SyntaxError) else (
+                "run torch.export.export(model, args, strict=False).module() yourself to see the failing line")
+        raise CaptureError(
+            f"torch.export captured {type(model).__name__} but could not turn the graph into a module:\n  {last}\n"
+            f"What to try: {hint}."
+        ) from e
     if not isinstance(gm, GraphModule):  # pragma: no cover - torch always returns one today
         raise CaptureError(f"torch.export returned {type(gm).__name__}, expected a GraphModule")
     return gm

@@ -61,8 +61,9 @@ from typing import Any
 
 import numpy as np
 
-from autoshard.runtime.errors import PlanError
+from autoshard.runtime.errors import PlanError, PlanFileError
 from autoshard.runtime.hardware import GiB, HardwareProfile
+from autoshard.runtime.plan import Schema, check_mesh, parse_json
 from autoshard.runtime.schedules import build_schedule
 
 from . import cost_model as cm
@@ -160,24 +161,15 @@ class AutoPlan:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> AutoPlan:
-        if not isinstance(d, dict) or "mesh" not in d or "step_time_s" not in d:
-            raise ValueError("not an autoshard plan: expected the JSON object `autoshard plan --json` writes")
-        if d.get("version") != AUTOPLAN_VERSION:
-            raise ValueError(f"plan version {d.get('version')} is not supported (expected {AUTOPLAN_VERSION})")
+    def from_dict(cls, d: Any) -> AutoPlan:
+        """The plan ``to_dict`` made; :class:`PlanFileError` naming the key at fault when ``d`` is not one."""
+        validate_autoplan(d)
         known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except TypeError as e:
-            raise ValueError(f"not a valid autoshard plan: {e}") from None
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
-    def from_json(cls, text: str) -> AutoPlan:
-        try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not JSON: {e}") from None
-        return cls.from_dict(d)
+    def from_json(cls, text: str | bytes) -> AutoPlan:
+        return cls.from_dict(parse_json(text))
 
     # ------------------------------------------------------------------ text
     def mesh_text(self) -> str:
@@ -639,6 +631,56 @@ def _infeasible_message(a: cm.ModelAnalysis, arr, mems, peak, host, budget: floa
     return (f"no feasible plan: activations of a micro-batch of {b:g} sequence(s) need {gib(terms['activations'])} "
             f"per GPU{ck} at {where}, on top of {gib(states)} of model states {cap}: use a smaller "
             f"global batch or sequence, more GPUs{'' if space.checkpointing else ', or activation checkpointing'}")
+
+
+# ====================================================================================== plan files
+def _nonneg(v: Any, key: str) -> None:
+    Schema.number(v, key, minimum=0)
+
+
+_AUTOPLAN_FIELDS: dict[str, Any] = {
+    "mesh": lambda v, k: check_mesh(v, k, require_all=True),
+    "zero": lambda v, k: Schema.int_(v, k, 0, 3),
+    "offload": lambda v, k: v is None or Schema.str_(v, k, tuple(o for o in OFFLOADS if o)),
+    "microbatches": lambda v, k: Schema.int_(v, k, minimum=1),
+    "schedule": lambda v, k: v is None or Schema.str_(v, k, SCHEDULES),
+    "virtual_stages": lambda v, k: Schema.int_(v, k, minimum=1),
+    "checkpoint_blocks": lambda v, k: Schema.int_(v, k, minimum=0),
+    "precision": Schema.str_,
+    "memory_per_gpu_bytes": _nonneg,
+    "memory": lambda v, k: Schema.map_(v, k, Schema.number),
+    "step_time_s": _nonneg,
+    "time": lambda v, k: Schema.map_(v, k, Schema.number),
+    "mfu": _nonneg,
+    "tokens_per_s": _nonneg,
+    "budget_bytes": _nonneg,
+    "binding": Schema.str_,
+    "alternatives": lambda v, k: Schema.list_(v, k, Schema.obj),
+    "hardware": Schema.obj,
+    "model": Schema.obj,
+    "gpus": lambda v, k: Schema.int_(v, k, minimum=1),
+    "runnable": lambda v, k: isinstance(v, bool) or Schema.fail(k, "expected true or false"),
+    "runnable_reason": Schema.str_,
+}
+_AUTOPLAN_OPTIONAL: dict[str, Any] = {
+    "planner": Schema.obj,
+    "notes": lambda v, k: Schema.list_(v, k, Schema.str_),
+}
+
+
+def validate_autoplan(d: Any) -> None:
+    """Check the JSON object ``autoshard plan --json`` writes; :class:`PlanFileError` names the key at fault.
+    Keys this version does not know are ignored (newer files add predictions)."""
+    if not isinstance(d, dict) or "mesh" not in d or "step_time_s" not in d:
+        raise PlanFileError("not an autoshard plan: expected the JSON object `autoshard plan --json` writes")
+    if d.get("version") != AUTOPLAN_VERSION:
+        raise PlanFileError(f"invalid autoshard plan: version: plan version {d.get('version')!r} is not supported "
+                            f"(expected {AUTOPLAN_VERSION})")
+    Schema.keys(d, "", tuple(_AUTOPLAN_FIELDS), allow_unknown=True)
+    for fields in (_AUTOPLAN_FIELDS, _AUTOPLAN_OPTIONAL):
+        for k, check in fields.items():
+            if k in d:
+                check(d[k], k)
 
 
 # ====================================================================================== diff

@@ -18,11 +18,17 @@ only the file of its own coordinate.
 
 Atomicity. :func:`save` writes into ``path.tmp-<token>`` next to ``path``, and only when every file
 is written, flushed and hashed does rank 0 write the manifest and swap the directory in:
-``path`` → ``path.old-<token>``, ``path.tmp-<token>`` → ``path``, then delete the old one. A crash
-before the swap leaves a previous checkpoint at ``path`` untouched (and a ``.tmp-`` directory that
-can be deleted); a failed swap puts the previous one back. Every rank learns of a failure on any
-rank and raises :class:`CheckpointError`, so none is left waiting in a collective. Ranks must see
-one shared file system.
+``path`` → ``path.old-<token>``, ``path.tmp-<token>`` → ``path``, then move the files of the old
+directory that its manifest does not list (the user's: a tokenizer, a log) into the new one and delete
+only what the old manifest lists. A crash before the swap leaves a previous checkpoint at ``path``
+untouched (and a ``.tmp-`` directory, which the next successful save deletes); a failed swap puts the
+previous one back. Every rank learns of a failure on any rank and raises :class:`CheckpointError`, so
+none is left waiting in a collective. Ranks must see one shared file system.
+
+Ownership. A save replaces only what autoshard wrote and can prove it wrote: a ``manifest.json`` with
+autoshard's format marker and the files that manifest lists. Any other non-empty directory at
+``path`` (a project with its own ``manifest.json``, say) is an error that names it, and nothing is
+touched. Ranks exchange metadata as JSON bytes in tensors, never pickles.
 
 Validation. :func:`load` checks the manifest (format version, the model's parameter names and full
 shapes), that every listed file exists with its recorded size, and the sha256 of every file a rank
@@ -41,6 +47,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 from typing import TYPE_CHECKING, Any
@@ -63,26 +70,57 @@ _CHUNK = 8 << 20
 
 
 # ---------------------------------------------------------------------------------------------- collectives
+# Ranks exchange only JSON, as bytes in uint8 tensors: nothing that crosses between ranks is unpickled.
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def _device() -> torch.device:
+    """Where the default group's collectives take tensors (the current GPU under NCCL, else the CPU)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _encode(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _decode(blob: torch.Tensor, size: int) -> Any:
+    return json.loads(blob[:size].cpu().numpy().tobytes().decode())
+
+
 def _all_gather(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` without a process group)."""
+    """Every rank's ``obj`` (JSON data), in rank order (``[obj]`` without a process group)."""
     if not _distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
+    device, world = _device(), dist.get_world_size()
+    blob = _encode(obj)
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size)
+    longest = max(int(s) for s in sizes)
+    mine = torch.zeros(longest, dtype=torch.uint8, device=device)
+    if blob:
+        mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device)
+    blobs = [torch.zeros_like(mine) for _ in range(world)]
+    dist.all_gather(blobs, mine)
+    return [_decode(b, int(s)) for b, s in zip(blobs, sizes)]
 
 
 def _broadcast(obj: Any) -> Any:
-    """Rank 0's ``obj`` on every rank."""
+    """Rank 0's ``obj`` (JSON data) on every rank."""
     if not _distributed():
         return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    device = _device()
+    blob = _encode(obj) if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    dist.broadcast(size, src=0)
+    data = torch.zeros(int(size), dtype=torch.uint8, device=device)
+    if blob:
+        data.copy_(torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device))
+    dist.broadcast(data, src=0)
+    return _decode(data, int(size))
 
 
 def _agree(error: str | None) -> None:
@@ -137,7 +175,11 @@ def save(sm: ShardedModule, path: str | os.PathLike) -> None:
 
     Saves parameters (fp32 masters under ZeRO), per-parameter optimizer states and scalars, the loss
     scaler, the step counters and the writer ranks' RNG state. ``path`` is replaced only once the new
-    checkpoint is complete; an existing ``path`` must be an autoshard checkpoint (never anything else).
+    checkpoint is complete. An existing ``path`` must be an empty directory or an autoshard checkpoint
+    (its manifest carries autoshard's format marker); of a checkpoint only the manifest and the files
+    it lists are replaced, anything else kept there (a tokenizer, a log) stays. Anything else at
+    ``path`` raises :class:`CheckpointError` naming it, before anything is written. Interrupted saves'
+    ``path.tmp-*`` directories (holding only autoshard's files) are deleted by the next successful save.
     """
     path = os.path.abspath(os.fspath(path))
     mesh = sm.mesh
@@ -147,9 +189,8 @@ def save(sm: ShardedModule, path: str | os.PathLike) -> None:
     error = None
     if rank == 0:
         try:
-            if os.path.lexists(path) and not os.path.isfile(os.path.join(path, MANIFEST)):
-                raise CheckpointError(f"{path} exists and is not an autoshard checkpoint (no {MANIFEST}): refusing to "
-                                      "replace it; choose another path or remove it")
+            writes = {MANIFEST} | {_file_name(p, t) for p in range(mesh.size("pp")) for t in range(mesh.size("tp"))}
+            _replaceable(path, writes)  # nothing is touched unless autoshard owns what it would replace
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             os.mkdir(tmp)
         except (OSError, CheckpointError) as e:
@@ -184,13 +225,23 @@ def save(sm: ShardedModule, path: str | os.PathLike) -> None:
         files = sorted((i for i, _ in gathered if i is not None), key=lambda i: (i["pp"], i["tp"]))
         try:
             _write_manifest(sm, tmp, files, state["step"])
-            _swap(tmp, path, token)
-        except CheckpointError as e:  # neither directory could be put in place: both are kept
-            error = str(e)
+            _replaceable(path, {MANIFEST, *(f["file"] for f in files)})  # still, after the writes
         except Exception as e:  # noqa: BLE001 - reported to every rank below
             shutil.rmtree(tmp, ignore_errors=True)
-            error = (f"saving {path} failed before the new checkpoint was in place ({type(e).__name__}: {e}); "
-                     "any previous checkpoint there is unchanged")
+            error = str(e) if isinstance(e, CheckpointError) else (
+                f"saving {path} failed before the new checkpoint was in place ({type(e).__name__}: {e}); "
+                "any previous checkpoint there is unchanged")
+        else:
+            try:
+                _swap(tmp, path, token)
+            except CheckpointError as e:  # neither directory could be put in place (both are kept), or files of
+                error = str(e)            # the user's could not move into the new one (they are kept, named)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = (f"saving {path} failed before the new checkpoint was in place ({type(e).__name__}: {e}); "
+                         "any previous checkpoint there is unchanged")
+            else:
+                _clean_stale(path, token)
     error = _broadcast(error)  # the final barrier: nobody returns before the swap
     if error:
         raise CheckpointError(error)
@@ -217,8 +268,56 @@ def _write_manifest(sm: ShardedModule, tmp: str, files: list[dict], step: int) -
     _fsync_dir(tmp)
 
 
+_TOKEN = re.compile(r"[0-9a-f]{8}")
+_OWN_FILE = re.compile(r"rank-pp\d+-tp\d+\.pt")
+
+
+def _regular(path: str) -> bool:
+    return os.path.isfile(path) and not os.path.islink(path)
+
+
+def _owned(path: str) -> set[str]:
+    """The entries of directory ``path`` that autoshard wrote and can prove it wrote: its manifest, with
+    autoshard's format marker, and the regular files that manifest lists under autoshard's file names.
+    Raises :class:`CheckpointError` (saying why) when ``path`` is not an autoshard checkpoint."""
+    manifest = read_manifest(path)
+    try:
+        listed = {f["file"] for f in manifest["files"]}
+    except (KeyError, TypeError):
+        raise CheckpointError(f"the manifest of {path} does not list its files") from None
+    if not _regular(os.path.join(path, MANIFEST)):
+        raise CheckpointError(f"{os.path.join(path, MANIFEST)} is not a regular file")
+    return {MANIFEST} | {n for n in listed if isinstance(n, str) and _OWN_FILE.fullmatch(n)
+                         and _regular(os.path.join(path, n))}
+
+
+def _replaceable(path: str, writes: set[str]) -> None:
+    """Raise unless a save to ``path`` replaces only what autoshard wrote there (``writes``: the new names)."""
+    if not os.path.lexists(path):
+        return
+    if os.path.islink(path) or not os.path.isdir(path):
+        raise CheckpointError(f"{path} exists and is not a directory: refusing to replace it with a checkpoint; "
+                              "choose another path or remove it")
+    entries = set(os.listdir(path))
+    if not entries:
+        return
+    try:
+        owned = _owned(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} is a non-empty directory that autoshard cannot prove it wrote ({e}): refusing "
+                              "to replace it or anything in it; choose another path or empty it") from None
+    clash = sorted((entries - owned) & writes)
+    if clash:
+        raise CheckpointError(f"{os.path.join(path, clash[0])} was not written by this checkpoint but the new one "
+                              "would write that name: refusing to replace it; move it or choose another path")
+
+
 def _swap(tmp: str, path: str, token: str) -> None:
-    """Put the finished ``tmp`` at ``path``; if that fails, put the previous checkpoint back."""
+    """Put the finished ``tmp`` at ``path``; if that fails, put the previous checkpoint back.
+
+    Files at ``path`` that the previous checkpoint's manifest does not list (the user's own) move
+    into the new checkpoint after the swap; only autoshard's files are deleted with the old directory.
+    """
     old = None
     if os.path.lexists(path):
         old = f"{path}.old-{token}"
@@ -236,8 +335,43 @@ def _swap(tmp: str, path: str, token: str) -> None:
                 ) from e
         raise
     _fsync_dir(os.path.dirname(path))
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if old is None:
+        return
+    try:
+        owned = _owned(old) if os.listdir(old) else set()  # checked by _replaceable just before
+        kept = []
+        for name in sorted(set(os.listdir(old)) - owned):
+            try:
+                os.rename(os.path.join(old, name), os.path.join(path, name))
+            except OSError:
+                kept.append(name)
+        _fsync_dir(path)
+        if not kept:  # never delete what autoshard did not write: with files of the user's left, keep it all
+            for name in owned:
+                os.remove(os.path.join(old, name))
+            os.rmdir(old)
+    except (OSError, CheckpointError) as e:
+        raise CheckpointError(f"the checkpoint at {path} is saved, but the previous one could not be cleared away "
+                              f"({e}); what is left of it is in {old}") from e
+    if kept:
+        raise CheckpointError(f"the checkpoint at {path} is saved, but {len(kept)} file(s) of yours that were in "
+                              f"that directory could not be moved into it (first {kept[0]!r}); they are in {old}")
+
+
+def _clean_stale(path: str, token: str) -> None:
+    """Delete ``path.tmp-<token>`` directories of interrupted saves: only those that hold autoshard's files alone."""
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        suffix = tmp[len(path) + len(".tmp-"):]
+        if suffix == token or not _TOKEN.fullmatch(suffix) or os.path.islink(tmp) or not os.path.isdir(tmp):
+            continue
+        try:
+            names = os.listdir(tmp)
+            if all((n == MANIFEST or _OWN_FILE.fullmatch(n)) and _regular(os.path.join(tmp, n)) for n in names):
+                for n in names:
+                    os.remove(os.path.join(tmp, n))
+                os.rmdir(tmp)
+        except OSError:  # best effort: the new checkpoint is in place whatever happens here
+            pass
 
 
 # ---------------------------------------------------------------------------------------------- load

@@ -13,6 +13,10 @@ class PlanError(AutoshardError, ValueError):
     """The requested parallelisation is impossible for this model (e.g. indivisible dims)."""
 
 
+class PlanFileError(PlanError):
+    """A plan read from JSON is malformed or altered; the message names the key at fault."""
+
+
 class CaptureError(AutoshardError, RuntimeError):
     """torch.export could not capture the model."""
 

@@ -22,6 +22,9 @@ from typing import Any
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
+from .errors import PlanFileError
+from .mesh import DIM_ORDER
+
 PLAN_VERSION = 1
 
 
@@ -93,20 +96,24 @@ class Plan:
         return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> Plan:
-        d = json.loads(text)
-        if not isinstance(d, dict) or "mesh" not in d:
-            raise ValueError("not an autoshard plan: expected a JSON object with a 'mesh' key")
-        if d.get("version") != PLAN_VERSION:
-            raise ValueError(f"plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
-        fp = d.pop("fingerprint", None)
+    def from_json(cls, text: str | bytes) -> Plan:
+        """The plan ``to_json`` wrote. Raises :class:`PlanFileError`, naming the key at fault, when the text is
+        not JSON, does not follow the plan schema, or its fingerprint is missing or does not match its content."""
+        return cls.from_dict(parse_json(text))
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Plan:
+        validate_plan(d)
+        fields = {k: v for k, v in d.items() if k != "fingerprint"}
+        fields["params"] = {k: ParamPlan(**v) for k, v in d["params"].items()}
+        plan = cls(**fields)
         try:
-            d["params"] = {k: ParamPlan(**v) for k, v in d.get("params", {}).items()}
-            plan = cls(**d)
-        except TypeError as e:
-            raise ValueError(f"not a valid autoshard plan: {e}") from None
-        if fp is not None and fp != plan.fingerprint:
-            raise ValueError("plan fingerprint does not match its content: the file was altered or corrupted")
+            fp = plan.fingerprint
+        except RecursionError:
+            raise PlanFileError("not a valid autoshard plan: its values are nested too deeply") from None
+        if d["fingerprint"] != fp:
+            raise PlanFileError("invalid autoshard plan: fingerprint: the plan fingerprint does not match its "
+                                "content: the file was altered or corrupted")
         return plan
 
     @property
@@ -220,6 +227,202 @@ class Plan:
             for k, v in self.estimates.items():
                 lines.append(f"  {k}: {v:,.0f}")
         return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- plan files
+# Plans read from files (and from other ranks) are checked against an explicit schema before any field
+# is used, so that a bad file is one PlanFileError naming the key at fault, never a crash later on.
+class Schema:
+    """Small checks of JSON values; each failure names the key path (e.g. ``params['w'].placement``)."""
+
+    @staticmethod
+    def fail(key: str, problem: str) -> None:
+        raise PlanFileError(f"invalid autoshard plan: {key}: {problem}")
+
+    @classmethod
+    def obj(cls, v: Any, key: str) -> dict:
+        if not isinstance(v, dict):
+            cls.fail(key, f"expected a JSON object, got {_kind(v)}")
+        return v
+
+    @classmethod
+    def keys(cls, d: dict, key: str, required: tuple[str, ...], optional: tuple[str, ...] = (),
+             allow_unknown: bool = False) -> None:
+        for k in required:
+            if k not in d:
+                cls.fail(_sub(key, k), "missing")
+        if not allow_unknown:
+            unknown = sorted(k for k in d if k not in required and k not in optional)
+            if unknown:
+                cls.fail(_sub(key, unknown[0]), "unknown key")
+
+    @classmethod
+    def int_(cls, v: Any, key: str, minimum: int | None = None, maximum: int | None = None) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            cls.fail(key, f"expected an integer, got {_kind(v)}")
+        if (minimum is not None and v < minimum) or (maximum is not None and v > maximum):
+            bound = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+            cls.fail(key, f"expected an integer {bound}, got {v}")
+        return v
+
+    @classmethod
+    def number(cls, v: Any, key: str, minimum: float | None = None) -> float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            cls.fail(key, f"expected a number, got {_kind(v)}")
+        if minimum is not None and v < minimum:
+            cls.fail(key, f"expected a number >= {minimum}, got {v}")
+        return v
+
+    @classmethod
+    def str_(cls, v: Any, key: str, choices: tuple | None = None) -> str:
+        if not isinstance(v, str):
+            cls.fail(key, f"expected a string, got {_kind(v)}")
+        if choices is not None and v not in choices:
+            cls.fail(key, f"expected one of {', '.join(map(repr, choices))}, got {v!r}")
+        return v
+
+    @classmethod
+    def list_(cls, v: Any, key: str, item: Any = None) -> list:
+        if not isinstance(v, list):
+            cls.fail(key, f"expected a JSON array, got {_kind(v)}")
+        if item is not None:
+            for i, x in enumerate(v):
+                item(x, f"{key}[{i}]")
+        return v
+
+    @classmethod
+    def map_(cls, v: Any, key: str, value: Any = None) -> dict:
+        cls.obj(v, key)
+        if value is not None:
+            for k, x in v.items():
+                value(x, _sub(key, k))
+        return v
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "an array",
+             dict: "an object"}
+    text = repr(v) if isinstance(v, (bool, int, float, str)) else ""
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return names.get(type(v), type(v).__name__) + (f" {text}" if text else "")
+
+
+def _sub(key: str, k: str) -> str:
+    plain = re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)
+    return (f"{key}.{k}" if key else k) if plain else f"{key}[{k!r}]"
+
+
+def parse_json(text: str | bytes) -> Any:
+    """``json.loads`` for files of plans: malformed or too deeply nested text is a :class:`PlanFileError`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanFileError(f"not an autoshard plan: not valid JSON ({e.msg}: line {e.lineno} column {e.colno})") \
+            from None
+    except RecursionError:
+        raise PlanFileError("not an autoshard plan: the JSON is nested too deeply") from None
+    except (UnicodeDecodeError, TypeError) as e:
+        raise PlanFileError(f"not an autoshard plan: not JSON text ({e})") from None
+
+
+_PLACEMENT = re.compile(r"R|P|S\((-?\d+)\)")
+
+
+def check_placement(v: Any, key: str, ndim: int | None = None) -> str:
+    """A placement as plans write it: ``R`` (replicate), ``P`` (partial sum) or ``S(d)`` (shard dim d)."""
+    Schema.str_(v, key)
+    m = _PLACEMENT.fullmatch(v)
+    if m is None:
+        Schema.fail(key, f"not a placement: {v!r} (expected R, P or S(dim))")
+    if m.group(1) is not None and ndim is not None and not -ndim <= int(m.group(1)) < max(ndim, 1):
+        Schema.fail(key, f"{v} shards dim {m.group(1)} of a {ndim}-dim tensor")
+    return v
+
+
+def check_mesh(v: Any, key: str = "mesh", dims: tuple[str, ...] = DIM_ORDER, require_all: bool = False) -> dict:
+    """A mesh: an object of dimension name (one of ``dims``) to a degree >= 1."""
+    Schema.obj(v, key)
+    for k, n in v.items():
+        if k not in dims:
+            Schema.fail(_sub(key, k), f"unknown mesh dimension (expected {', '.join(dims)})")
+        Schema.int_(n, _sub(key, k), minimum=1)
+    if require_all:
+        Schema.keys(v, key, dims)
+    return v
+
+
+def _str_list(v: Any, key: str) -> None:
+    Schema.list_(v, key, Schema.str_)
+
+
+def _param(v: Any, key: str) -> None:
+    Schema.obj(v, key)
+    Schema.keys(v, key, ("shape", "placement", "local_shape", "role"), ("blocks", "aliases"))
+    shape = Schema.list_(v["shape"], _sub(key, "shape"), lambda x, k: Schema.int_(x, k, minimum=0))
+    local = Schema.list_(v["local_shape"], _sub(key, "local_shape"), lambda x, k: Schema.int_(x, k, minimum=0))
+    if len(local) != len(shape):
+        Schema.fail(_sub(key, "local_shape"), f"has {len(local)} dims, shape has {len(shape)}")
+    check_placement(v["placement"], _sub(key, "placement"), len(shape))
+    Schema.str_(v["role"], _sub(key, "role"))
+    if "blocks" in v:
+        Schema.int_(v["blocks"], _sub(key, "blocks"), minimum=1)
+    if "aliases" in v:
+        _str_list(v["aliases"], _sub(key, "aliases"))
+
+
+def _collective(v: Any, key: str) -> None:
+    Schema.obj(v, key)
+    Schema.keys(v, key, ("op",), allow_unknown=True)
+    Schema.str_(v["op"], _sub(key, "op"))
+
+
+def _pipeline(v: Any, key: str) -> None:
+    Schema.obj(v, key)
+    if v:  # summary() and explain() read these
+        Schema.keys(v, key, ("stages", "schedule"), allow_unknown=True)
+        Schema.list_(v["stages"], _sub(key, "stages"), Schema.obj)
+        Schema.str_(v["schedule"], _sub(key, "schedule"))
+
+
+def _checkpointing(v: Any, key: str) -> None:
+    Schema.obj(v, key)
+    if v:
+        Schema.keys(v, key, ("stages",), allow_unknown=True)
+        Schema.list_(v["stages"], _sub(key, "stages"), _str_list)
+
+
+_PLAN_OPTIONAL = {
+    "buffers": _str_list,
+    "collectives": lambda v, k: Schema.list_(v, k, _collective),
+    "fallbacks": lambda v, k: Schema.list_(v, k, Schema.obj),
+    "dp_buckets": lambda v, k: Schema.list_(v, k, _str_list),
+    "pipeline": _pipeline,
+    "zero": Schema.obj,
+    "memory": lambda v, k: Schema.map_(v, k, Schema.number),
+    "notes": _str_list,
+    "estimates": lambda v, k: Schema.map_(v, k, Schema.number),
+    "experts": Schema.obj,
+    "fusions": Schema.obj,
+    "attention": Schema.obj,
+    "checkpointing": _checkpointing,
+}
+
+
+def validate_plan(d: Any) -> None:
+    """Check the JSON object of a :class:`Plan` against its schema; raise :class:`PlanFileError` naming the key."""
+    if not isinstance(d, dict) or "mesh" not in d:
+        raise PlanFileError("not an autoshard plan: expected a JSON object with a 'mesh' key")
+    if d.get("version") != PLAN_VERSION:
+        raise PlanFileError(f"invalid autoshard plan: version: plan version {d.get('version')!r} is not supported (expected {PLAN_VERSION})")
+    Schema.keys(d, "", ("mesh", "params", "version", "fingerprint"), tuple(_PLAN_OPTIONAL))
+    check_mesh(d["mesh"])
+    Schema.map_(d["params"], "params", _param)
+    Schema.str_(d["fingerprint"], "fingerprint")
+    for k, check in _PLAN_OPTIONAL.items():
+        if k in d:
+            check(d[k], k)
 
 
 def fusion_lines(fusions: dict[str, Any]) -> list[str]:

@@ -176,6 +176,100 @@ def _crash(sm, good: str, saved: dict, tmp: str) -> dict:
     return out
 
 
+_OBJECT_COLLECTIVES = ("all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+
+
+def _no_pickles(fn):
+    """Run ``fn`` with torch.distributed's object (pickling) collectives made to fail."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("an object collective (pickle) was used")
+
+    real = {n: getattr(dist, n) for n in _OBJECT_COLLECTIVES}
+    for n in real:
+        setattr(dist, n, refuse)
+    try:
+        return fn()
+    finally:
+        for n, f in real.items():
+            setattr(dist, n, f)
+
+
+def _listing(path: str) -> dict[str, str]:
+    """Every file under ``path`` (relative name -> sha256)."""
+    out = {}
+    for root, _, files in os.walk(path):
+        for f in files:
+            full = os.path.join(root, f)
+            out[os.path.relpath(full, path)] = hashlib.sha256(open(full, "rb").read()).hexdigest()
+    return out
+
+
+def _save_error(sm, path: str) -> str | None:
+    try:
+        sm.save(path)
+    except CheckpointError as e:
+        return str(e)
+    return None
+
+
+def _ownership(sm, good: str, saved: dict, tmp: str) -> dict:
+    """pp=2 saves (two writer ranks) next to files autoshard did not write, with no object collective allowed."""
+    out: dict = {}
+    tmp = os.path.join(tmp, "ownership")  # kept leftovers stay out of the directory test_manifest_format checks
+    web = os.path.join(tmp, "web")  # a project that has its own manifest.json
+
+    def make_web() -> None:
+        os.makedirs(os.path.join(web, "src"))
+        os.makedirs(os.path.join(web, "data"))
+        json.dump({"name": "my-app", "version": "1.0.0"}, open(os.path.join(web, "manifest.json"), "w"))
+        open(os.path.join(web, "src", "app.js"), "w").write("console.log(1)")
+        open(os.path.join(web, "data", "rows.csv"), "w").write("a,b\n1,2\n")
+    _rank0_barrier(make_web)
+    before = _listing(web)
+    out["web"] = {"message": _no_pickles(lambda: _save_error(sm, web))}
+    dist.barrier()
+    out["web"]["unchanged"] = _listing(web) == before
+    out["web"]["leftovers"] = sorted(glob.glob(web + ".*"))
+
+    clash = os.path.join(tmp, "clash")  # a checkpoint whose manifest does not list a name the new save writes
+
+    def make_clash() -> None:
+        shutil.copytree(good, clash)
+        m = os.path.join(clash, "manifest.json")
+        d = json.load(open(m))
+        d["files"] = [f for f in d["files"] if f["file"] != "rank-pp1-tp0.pt"]
+        json.dump(d, open(m, "w"))
+    _rank0_barrier(make_clash)
+    before = _listing(clash)
+    out["clash"] = {"message": _no_pickles(lambda: _save_error(sm, clash))}
+    dist.barrier()
+    out["clash"]["unchanged"] = _listing(clash) == before
+
+    own = os.path.join(tmp, "own")  # a checkpoint the user keeps a tokenizer and logs in, and killed saves
+    _no_pickles(lambda: sm.save(own))
+
+    def add_files() -> None:
+        open(os.path.join(own, "tokenizer.json"), "w").write('{"vocab": 128}')
+        os.makedirs(os.path.join(own, "logs"))
+        open(os.path.join(own, "logs", "train.log"), "w").write("step 2\n")
+        for token, files in (("0123abcd", ["rank-pp0-tp0.pt"]), ("89abcdef", ["rank-pp0-tp0.pt", "manifest.json"]),
+                             ("deadbeef", ["notes.txt"])):
+            os.makedirs(f"{own}.tmp-{token}")
+            for f in files:
+                open(os.path.join(f"{own}.tmp-{token}", f), "wb").write(b"partial")
+    _rank0_barrier(add_files)
+    user = {k: v for k, v in _listing(own).items() if k in ("tokenizer.json", os.path.join("logs", "train.log"))}
+    out["own"] = {"message": _no_pickles(lambda: _save_error(sm, own))}
+    dist.barrier()
+    after = _listing(own)
+    out["own"]["user_kept"] = len(user) == 2 and all(after.get(k) == v for k, v in user.items())
+    out["own"]["entries"] = sorted(os.listdir(own))
+    out["own"]["leftovers"] = sorted(os.path.basename(p) for p in glob.glob(own + ".*"))
+    _no_pickles(lambda: autoshard.load(own, sm))
+    out["own"]["loads"] = not _same(saved, sm.full_state_dict())
+    return out
+
+
 def _import(sm) -> dict:
     """Plain state dicts into a tp=2 GPT-2 (tied wte / lm_head, fused qkv)."""
     fresh = make_model("gpt2").state_dict()
@@ -221,6 +315,7 @@ def _world2(tmp: str) -> dict:
                                                                os.path.join(tmp, f"resume-{key}"))
     out["bad"] = _bad_inputs(modules["gpt"], os.path.join(tmp, "resume-gpt"), tmp)
     out["crash"] = _crash(modules["gpt"], os.path.join(tmp, "resume-gpt"), saved["gpt"], tmp)
+    out["ownership"] = _ownership(modules["gpt"], os.path.join(tmp, "resume-gpt"), saved["gpt"], tmp)
     out["import"] = _import(modules["gpt2"])
     four = _four_to_two(os.path.join(tmp, "across-gpt"))
     if dist.get_rank() == 0:
@@ -333,6 +428,123 @@ def test_failed_save_keeps_the_previous_checkpoint(world2):
             assert c[mode]["intact"] and c[mode]["leftovers"] == []
         assert c["loads"]
         assert c["replaced"]["step"] == SAVE_AT and c["replaced"]["leftovers"] == []  # the loaded step
+
+
+# =============================================================================== what a save may replace
+def test_save_replaces_only_what_autoshard_wrote_on_every_rank(world2):
+    """pp=2, two writers: a foreign directory is refused (all ranks, nothing touched); a checkpoint keeps the
+    user's files; stale temp directories of killed saves go, only autoshard's; no pickles cross ranks."""
+    web = [r["ownership"]["web"] for r in world2]
+    assert web[0]["message"] is not None and web[0]["message"] == web[1]["message"]
+    assert "web is a non-empty directory that autoshard cannot prove it wrote" in web[0]["message"]
+    assert all(w["unchanged"] and w["leftovers"] == [] for w in web)
+    clash = [r["ownership"]["clash"] for r in world2]
+    assert clash[0]["message"] == clash[1]["message"] and "clash/rank-pp1-tp0.pt was not written" in clash[0]["message"]
+    assert all(c["unchanged"] for c in clash)
+    for r in world2:
+        own = r["ownership"]["own"]
+        assert own["message"] is None and own["user_kept"] and own["loads"]
+        assert own["entries"] == ["logs", "manifest.json", "rank-pp0-tp0.pt", "rank-pp1-tp0.pt", "tokenizer.json"]
+        assert own["leftovers"] == ["own.tmp-deadbeef"]  # holds a file autoshard does not write: kept
+
+
+def test_checkpoint_module_uses_no_object_collectives():
+    import inspect
+
+    from autoshard.runtime import checkpoint
+
+    text = inspect.getsource(checkpoint)
+    for name in _OBJECT_COLLECTIVES:
+        assert name not in text, name
+
+
+def test_save_refuses_what_it_did_not_write(tmp):
+    """One process: a web project with its own manifest.json, a plain directory, a file: errors, nothing touched."""
+    sm, _ = _module("gpt", {}, {})
+    tmp = os.path.join(tmp, "ownership-single")
+    web = os.path.join(tmp, "web-single")
+    os.makedirs(os.path.join(web, "src"))
+    os.makedirs(os.path.join(web, "data"))
+    json.dump({"name": "my-app"}, open(os.path.join(web, "manifest.json"), "w"))
+    open(os.path.join(web, "src", "index.html"), "w").write("<p>hi</p>")
+    open(os.path.join(web, "data", "rows.csv"), "w").write("1,2\n")
+    plain = os.path.join(tmp, "plain-single")
+    os.makedirs(plain)
+    open(os.path.join(plain, "notes.txt"), "w").write("mine")
+    afile = os.path.join(tmp, "a-file")
+    open(afile, "w").write("mine")
+    for path, why in ((web, "is not an autoshard checkpoint manifest"), (plain, "has no manifest.json"),
+                      (afile, "is not a directory")):
+        before = _listing(path) if os.path.isdir(path) else open(path).read()
+        with pytest.raises(CheckpointError, match="refusing to replace") as e:
+            sm.save(path)
+        assert path in str(e.value) and why in str(e.value)
+        assert (_listing(path) if os.path.isdir(path) else open(path).read()) == before
+        assert glob.glob(path + ".*") == []
+    empty = os.path.join(tmp, "empty-single")
+    os.makedirs(empty)
+    sm.save(empty)  # an empty directory holds nothing to lose
+    assert read_manifest(empty)["step"] == 0
+
+
+def test_save_keeps_user_files_and_cleans_stale_temp_dirs(tmp):
+    """One process: files the manifest does not list survive a save over the checkpoint; killed saves' temp
+    directories are deleted by the next successful save, unless they hold anything autoshard does not write."""
+    path = os.path.join(tmp, "ownership-single", "keep-single")
+    sm, rows = _module("gpt", {}, {})
+    sm.save(path)
+    open(os.path.join(path, "tokenizer.json"), "w").write('{"vocab": 128}')
+    os.makedirs(os.path.join(path, "logs"))
+    open(os.path.join(path, "logs", "train.log"), "w").write("step 0\n")
+    stale = {"0123abcd": ["rank-pp0-tp0.pt"], "89abcdef": ["rank-pp0-tp0.pt", "manifest.json"], "deadbeef": ["own.txt"],
+             "0000000g": ["rank-pp0-tp0.pt"]}  # the last is no token of autoshard's
+    for token, files in stale.items():
+        os.makedirs(f"{path}.tmp-{token}")
+        for f in files:
+            open(os.path.join(f"{path}.tmp-{token}", f), "wb").write(b"partial")
+    _train(sm, "gpt", rows, range(1))
+    sm.save(path)
+    assert read_manifest(path)["step"] == 1
+    assert open(os.path.join(path, "tokenizer.json")).read() == '{"vocab": 128}'
+    assert open(os.path.join(path, "logs", "train.log")).read() == "step 0\n"
+    assert sorted(os.listdir(path)) == ["logs", "manifest.json", "rank-pp0-tp0.pt", "tokenizer.json"]
+    assert sorted(os.path.basename(p) for p in glob.glob(path + ".*")) == ["keep-single.tmp-0000000g",
+                                                                          "keep-single.tmp-deadbeef"]
+    fresh, _ = _module("gpt", {}, {})
+    autoshard.load(path, fresh)
+    assert _same(export_state_dict(sm), export_state_dict(fresh)) == []
+
+
+
+def test_user_files_that_cannot_move_are_kept_and_named(tmp, monkeypatch):
+    """If a file of the user's cannot move into the new checkpoint, nothing of the old directory is deleted."""
+    path = os.path.join(tmp, "ownership-single", "stuck-user")
+    sm, _ = _module("gpt", {}, {})
+    sm.save(path)
+    open(os.path.join(path, "tokenizer.json"), "w").write("{}")
+    real = os.rename
+    monkeypatch.setattr(os, "rename", lambda src, dst: _raise(OSError("busy")) if src.endswith("tokenizer.json")
+                        else real(src, dst))
+    with pytest.raises(CheckpointError, match=r"is saved, but 1 file\(s\) of yours .*'tokenizer.json'.*stuck-user.old-"):
+        sm.save(path)
+    monkeypatch.undo()
+    old = glob.glob(path + ".old-*")
+    assert len(old) == 1 and open(os.path.join(old[0], "tokenizer.json")).read() == "{}"
+    read_manifest(path)  # the new checkpoint is in place
+    read_manifest(old[0])  # and the old one whole, beside it
+
+
+def test_manifest_cannot_name_a_file_outside_the_checkpoint(tmp):
+    """A manifest that lists a path outside the checkpoint is refused before anything is opened."""
+    path = os.path.join(tmp, "ownership-single", "escape")
+    sm, _ = _module("gpt", {}, {})
+    sm.save(path)
+    m = os.path.join(path, "manifest.json")
+    d = json.load(open(m))
+    d["files"][0]["file"] = "../outside.pt"
+    json.dump(d, open(m, "w"))
+    with pytest.raises(CheckpointError, match="corrupt: it lists '../outside.pt'"):
+        autoshard.load(path, sm)
 
 
 # =============================================================================== plain state dicts

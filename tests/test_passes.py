@@ -22,6 +22,7 @@ from autoshard.passes.sharding_rules import view_groups
 from autoshard.passes.tensor_parallel import module_path
 from autoshard.runtime import collectives as C
 from autoshard.runtime import tp_ops
+from autoshard.runtime.errors import PlanFileError
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
 from autoshard.runtime.mesh import Mesh
 from autoshard.runtime.plan import ParamPlan, Plan
@@ -437,6 +438,61 @@ def test_plan_from_json_rejects_other_versions(plan):
     d["version"] = 99
     with pytest.raises(ValueError, match="version 99"):
         Plan.from_json(json.dumps(d))
+
+
+
+def _edit(d: dict, change) -> dict:
+    d = json.loads(json.dumps(d))
+    change(d)
+    return d
+
+
+_W = "blocks.0.mlp.fc.weight"
+# (what is wrong, change to the plan's JSON object, the key the message must name): schema errors come before
+# the fingerprint check, so each names its own key although the fingerprint no longer matches either
+BAD_PLANS = [
+    ("no fingerprint", lambda d: d.pop("fingerprint"), "fingerprint: missing"),
+    ("unknown placement", lambda d: d["params"][_W].update(placement="Q(9)"),
+     f"params['{_W}'].placement: not a placement: 'Q(9)'"),
+    ("shard of a missing dim", lambda d: d["params"][_W].update(placement="S(5)"),
+     f"params['{_W}'].placement: S(5) shards dim 5 of a 2-dim tensor"),
+    ("mesh as a string", lambda d: d.update(mesh="dp=2,tp=2"), "mesh: expected a JSON object, got a string"),
+    ("mesh degree 0", lambda d: d["mesh"].update(tp=0), "mesh.tp: expected an integer >= 1, got 0"),
+    ("mesh degree text", lambda d: d["mesh"].update(tp="2"), "mesh.tp: expected an integer, got a string '2'"),
+    ("unknown mesh dim", lambda d: d["mesh"].update(xp=2), "mesh.xp: unknown mesh dimension"),
+    ("no params", lambda d: d.pop("params"), "params: missing"),
+    ("param without role", lambda d: d["params"][_W].pop("role"), f"params['{_W}'].role: missing"),
+    ("shape of text", lambda d: d["params"][_W].update(shape="256x64"), f"params['{_W}'].shape: expected a JSON array"),
+    ("unknown key", lambda d: d.update(bogus=1), "bogus: unknown key"),
+    ("buckets of numbers", lambda d: d.update(dp_buckets=[[1]]), "dp_buckets[0][0]: expected a string"),
+    ("collective without op", lambda d: d.update(collectives=[{"node": "x"}]), "collectives[0].op: missing"),
+    ("pipeline without stages", lambda d: d.update(pipeline={"schedule": "1f1b"}), "pipeline.stages: missing"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_PLANS, ids=[c[0] for c in BAD_PLANS])
+def test_plan_from_json_validates_the_schema(plan, case):
+    _, change, message = case
+    with pytest.raises(PlanFileError) as e:
+        Plan.from_json(json.dumps(_edit(json.loads(plan.to_json()), change)))
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"mesh": {"tp": 2}, "params": {', "not valid JSON"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"mesh": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+    (b"\xff\xfe{", "not JSON"),
+])
+def test_plan_from_json_rejects_malformed_text(text, message):
+    with pytest.raises(PlanFileError, match=message):
+        Plan.from_json(text)
+
+
+def test_plan_from_json_accepts_what_it_wrote_and_summarises(plan):
+    back = Plan.from_json(plan.to_json())
+    assert back.summary() == plan.summary() and back.explain().startswith(back.summary())
 
 
 def test_plan_explain_names_parameters_and_decisions(plan):

@@ -193,6 +193,50 @@ def test_text_from_the_model_is_escaped(tmp_path, capsys):
     assert "<script>" not in out["svg"].read_text()
 
 
+
+_QUOTE = '''
+import torch.nn as nn
+
+
+class Quote(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(64, 16)
+        self.add_module('a"b', nn.Linear(16, 64))
+
+    def forward(self, x):
+        return getattr(self, 'a"b')(self.emb(x))
+'''
+
+
+def test_module_name_with_a_quote_is_a_capture_error(tmp_path, capsys):
+    """torch.fx cannot write ``getattr(self, "a"b")`` as Python: a capture error, exit 2, not a SyntaxError (exit 1)."""
+    from autoshard.passes.capture import capture
+    from autoshard.runtime.errors import CaptureError
+
+    src = tmp_path / "quote.py"
+    src.write_text(textwrap.dedent(_QUOTE))
+    for mesh in ("tp=2", "dp=2"):  # dp alone: autoshard falls back to the eager module, which has no graph to draw
+        assert main(["viz", f"{src}:Quote", "--mesh", mesh, "--input", "int64[2,8]", "-o",
+                     str(tmp_path / "q.html")]) == 2, mesh
+        err = capsys.readouterr().err
+        assert "autoshard: error:" in err and "could not turn the graph into a module" in err, err
+        assert "SyntaxError" in err and "rename it" in err and "Traceback" not in err
+    assert not (tmp_path / "q.html").exists()
+    assert main(["check", f"{src}:Quote", "--mesh", "tp=2", "--input", "int64[2,8]"]) == 2  # 1 would mean fallbacks
+    assert "could not turn the graph into a module" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "autoshard", "viz", f"{src}:Quote", "--mesh", "tp=2", "--input",
+                           "int64[2,8]", "-o", str(tmp_path / "q.html")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quote_model", src)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(CaptureError, match="could not turn the graph into a module"):
+        capture(module.Quote(), (torch.zeros(2, 8, dtype=torch.int64),))
+
+
 # ====================================================================================== command line
 def test_viz_command_formats_and_default_output(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
