@@ -39,6 +39,9 @@ Files are read with ``torch.load(weights_only=True)``: no arbitrary objects are 
 RNG. Only writer ranks save their RNG state; on load each rank takes the state of the file with its
 own (pp, tp) coordinate (the first file it reads when there is none), so data-parallel ranks resume
 with the RNG of their dp=0 peer.
+
+Why this module is long: saving, the ownership-checked swap, validation and resharding on load share
+the manifest's format and the failure protocol between ranks; split, each half would restate them.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ import os
 import re
 import secrets
 import shutil
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -60,8 +63,8 @@ from .layout import shard_tensor, unshard_tensor
 from .plan import parse_placement
 from .zero import optimizer_name
 
-if TYPE_CHECKING:
-    from autoshard.api import ShardedModule
+# the API's ShardedModule, read through its public methods (runtime never imports the API package)
+ShardedModule = Any
 
 FORMAT = "autoshard-checkpoint"
 FORMAT_VERSION = 1
