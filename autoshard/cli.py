@@ -22,6 +22,9 @@ from typing import Any
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 _LOSSES = ("cross_entropy", "mse", "model")
+# runtime.schedules.SCHEDULES, spelled out so that building the parser (and --help) imports no torch;
+# tests/test_cli.py checks that the two agree
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zero_bubble")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -417,8 +420,6 @@ An impossible request exits 2 naming the binding constraint."""
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    from autoshard.runtime.schedules import SCHEDULES
-
     p.add_argument("model", metavar="MODEL",
                    help="path/to/file.py:name or package.module:name: a nn.Module class, a function returning a "
                         "module, or a module; literal arguments may follow, e.g. "
