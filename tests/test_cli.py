@@ -73,3 +73,50 @@ def test_demo_runs_and_checks_parity(capsys):
     out = capsys.readouterr().out
     assert "PARITY OK" in out
     assert "dp=2, tp=2" in out
+
+
+def test_check_exit_code_of_an_explained_fallback(capsys):
+    """A model's own loss over vocab-sharded logits gathers them, as a loss_fn at the output would: check lists
+    that fallback as explained and exits 0 (an unexplained one exits 1: tests/test_check.py)."""
+    argv = ["check", "examples/hf_quickstart.py:make_model", "--mesh", "tp=2", "--input",
+            "input_ids=int64[2,32],labels=int64[2,32]", "--loss", "model"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "Fallbacks (1)" in out and "1 explained fallback(s)" in out and "nothing unexplained" in out
+
+
+def _records(device: str, peak) -> list[dict]:
+    base = {"date": "2026-12-07", "device": device, "torch": "2.13.0", "commit": "abc1234", "model": "tiny",
+            "gpus": 2, "batch": 2, "seq": 64, "step_s": 0.01, "mfu": 0.0001, "peak_gib": peak}
+    return [{**base, "system": "ddp", "plan": "dp=2", "tok_s_gpu": 1000.0, "loss_step1": 5.0},
+            {**base, "system": "autoshard", "plan": "dp=2", "tok_s_gpu": 2160.0, "loss_step1": 5.0}]
+
+
+def test_bench_on_cpu_ranks_ranks_nothing(monkeypatch, capsys):
+    from autoshard import bench
+
+    monkeypatch.setattr(bench, "run", lambda cfg, nproc: _records("cpu (2 cores, Gloo)", None))
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--systems", "ddp,autoshard"]) == 0
+    out = capsys.readouterr().out
+    assert "not performance figures" in out and "tok/s/rank" in out
+    assert "tok/s/GPU" not in out and "best peer" not in out and "2.16" not in out
+
+
+def test_bench_on_gpus_keeps_the_ratio(monkeypatch, capsys):
+    from autoshard import bench
+
+    monkeypatch.setattr(bench, "run", lambda cfg, nproc: _records("NVIDIA H100", 10.0))
+    assert main(["bench", "--model", "tiny", "--device", "cpu", "--systems", "ddp,autoshard"]) == 0
+    out = capsys.readouterr().out
+    assert "tok/s/GPU" in out and "= 2.16x the best peer (ddp)" in out and "not performance figures" not in out
+
+
+@pytest.mark.parametrize("device,peak,panels", [("cpu (2 cores, Gloo)", None, 1), ("NVIDIA H100", 10.0, 2)])
+def test_bench_plot_has_a_memory_panel_only_with_memory_data(tmp_path, device, peak, panels):
+    import matplotlib.image
+
+    from autoshard import bench
+
+    png = bench.plot(_records(device, peak), str(tmp_path / "p.png"))
+    width = matplotlib.image.imread(png).shape[1]
+    assert width == 7 * panels * 110  # 7 inches per panel at 110 dpi
