@@ -73,6 +73,22 @@ def test_demo_runs_and_checks_parity(capsys):
     out = capsys.readouterr().out
     assert "PARITY OK" in out
     assert "dp=2, tp=2" in out
+    # progress from the start, the plan (with what its words mean) before training, a loss plot after it
+    for line in ("· starting 4 ranks", "✓ 4 ranks started", "✓ process group joined", "✓ model captured",
+                 "reduce_grad    forward: nothing", "dp buckets", "✓ trained 3 steps", "loss per step"):
+        assert line in out, line
+    assert out.index("reading the plan") < out.index("✓ trained 3 steps") < out.index("loss per step")
+
+
+def test_loss_plot():
+    from autoshard.demo import loss_plot
+
+    text = loss_plot([5.0 - 0.1 * i for i in range(100)], width=50, height=6)
+    lines = text.splitlines()
+    assert len(lines) == 8 and "4.950" in lines[0] and "-4.850" in lines[5]  # means of pairs of steps
+    assert lines[0].split("│")[1].startswith("•") and lines[5].split("│")[1].endswith("•")
+    assert sum(line.count("•") for line in lines) == 50
+    assert loss_plot([]) == "" and "•" in loss_plot([1.0])
 
 
 def test_check_exit_code_of_an_explained_fallback(capsys):
