@@ -3,24 +3,75 @@
 ``autoshard(model, mesh)`` captures the model with ``torch.export``, rewrites its graph with
 tensor- and data-parallel passes, and returns a :class:`ShardedModule` whose ``train_step``
 computes the same function as the model on one device.
+
+``import autoshard`` is cheap: the public names below are imported on first use (PEP 562), so the
+command line (``autoshard --help``) starts without importing torch.
 """
 
-from autoshard.runtime import (
-    AutoshardError,
-    CaptureError,
-    CheckpointError,
-    Mesh,
-    MeshError,
-    ParamPlan,
-    Plan,
-    PlanError,
-    PlanMismatchError,
-    ScheduleError,
-)
+from __future__ import annotations
 
-from .api import ShardedModule, autoshard
-from .backend import backend, set_mesh
-from .launch import launch
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> the module that defines it, imported when the name is first read
+_LAZY = {
+    **dict.fromkeys(("AutoshardError", "CaptureError", "CheckpointError", "Mesh", "MeshError", "ParamPlan", "Plan",
+                     "PlanError", "PlanMismatchError", "ScheduleError"), "autoshard.runtime"),
+    "ShardedModule": "autoshard.api",
+    "autoshard": "autoshard.api",
+    "backend": "autoshard.backend",
+    "set_mesh": "autoshard.backend",
+    "launch": "autoshard.launch",
+}
+# functions named like the submodule that defines them: the package attribute stays the function
+_SHADOWED = ("backend", "launch")
+
+if TYPE_CHECKING:  # what static tools (type checkers, the API reference) see
+    from autoshard.runtime import (
+        AutoshardError,
+        CaptureError,
+        CheckpointError,
+        Mesh,
+        MeshError,
+        ParamPlan,
+        Plan,
+        PlanError,
+        PlanMismatchError,
+        ScheduleError,
+    )
+
+    from .api import ShardedModule, autoshard
+    from .backend import backend, set_mesh
+    from .launch import launch
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'autoshard' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """Importing ``autoshard.launch`` (or ``autoshard.backend``) binds the package attribute to the submodule;
+    keep it the function of the same name, as an eager ``from .launch import launch`` would."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _SHADOWED and isinstance(value, types.ModuleType):
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def load(path: str, sm: ShardedModule) -> None:
@@ -29,8 +80,6 @@ def load(path: str, sm: ShardedModule) -> None:
 
     _load(path, sm)
 
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",

@@ -670,13 +670,27 @@ def _print_row(r: dict[str, Any]) -> None:
         print(f"{r['system']:28s} failed: {r['error']}", flush=True)
         return
     peak = f"{r['peak_gib']:6.2f} GiB" if r["peak_gib"] is not None else "     -    "
-    print(f"{r['system']:28s} {r['tok_s_gpu']:11,.0f} tok/s/GPU  MFU {100 * r['mfu']:5.1f}%  peak {peak}  "
-          f"step {r['step_s'] * 1e3:8.1f} ms  loss@1 {r['loss_step1']:.6f}  [{r['plan']}]", flush=True)
+    if on_cpu([r]):  # MFU is counted against a GPU's peak: meaningless here
+        rate = f"{r['tok_s_gpu']:11,.0f} tok/s/rank"
+    else:
+        rate = f"{r['tok_s_gpu']:11,.0f} tok/s/GPU  MFU {100 * r['mfu']:5.1f}%"
+    print(f"{r['system']:28s} {rate}  peak {peak}  step {r['step_s'] * 1e3:8.1f} ms  loss@1 {r['loss_step1']:.6f}  "
+          f"[{r['plan']}]", flush=True)
 
 
 # ====================================================================================== tables and plots
 def is_peer(system: str) -> bool:
     return not system.startswith("autoshard")
+
+
+def on_cpu(records: list[dict[str, Any]]) -> bool:
+    """Records of CPU ranks (Gloo): they show that each system runs and computes the same function; their
+    rates, taken on a shared CPU, are not performance figures and say nothing about GPUs."""
+    return bool(records) and all(str(r.get("device", "")).startswith("cpu") for r in records)
+
+
+CPU_NOTE = ("CPU ranks (Gloo): these figures show that every system runs and computes the same function; "
+            "they are not performance figures (a shared CPU, no GPU kernels), so no system is ranked")
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -696,20 +710,26 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
 def loss_tolerance(records: list[dict[str, Any]]) -> float:
     """How far first-step losses may differ between systems: fp32 on CPU computes the same sums in
     another order (1e-5); bf16 rounds each system's matmuls differently (2e-2)."""
-    return 1e-5 if all(str(r.get("device", "")).startswith("cpu") for r in records) else 2e-2
+    return 1e-5 if on_cpu(records) else 2e-2
 
 
 def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
     """The records as a table (rich text, or Markdown), with each system's ratio to the best peer."""
     best = max((r["tok_s_gpu"] for r in records if r.get("tok_s_gpu") and is_peer(r["system"])), default=None)
     head = ["system", "plan", "tok/s/GPU", "MFU", "peak GiB", "× best peer", "loss@1"]
+    cpu = on_cpu(records) and not markdown  # the Markdown report keeps one layout for every device
+    if cpu:
+        head = ["system", "plan", "tok/s/rank", "peak GiB", "loss@1"]
     rows = []
     for r in records:
         if r.get("error"):
-            rows.append([r["system"], r.get("plan", ""), f"failed: {r['error'][:80]}", "", "", "", ""])
+            rows.append([r["system"], r.get("plan", ""), f"failed: {r['error'][:80]}", *[""] * (len(head) - 3)])
             continue
-        rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%",
-                     "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}",
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        if cpu:
+            rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", peak, f"{r['loss_step1']:.5f}"])
+            continue
+        rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%", peak,
                      f"{r['tok_s_gpu'] / best:.2f}" if best else "-", f"{r['loss_step1']:.5f}"])
     if markdown:  # with each row's commit: a report may join runs of several commits
         head = [*head, "commit"]
@@ -785,7 +805,10 @@ def report(records: list[dict[str, Any]]) -> str:
         head = f"**{_title(*key)}**, torch {meta['torch']}, {meta['date']}"
         if s["ratio"]:
             head += f": best autoshard ({s['best_autoshard']}) = {s['ratio']:.2f}× the best peer ({s['best_peer']})"
-        out += [head, "", table(rows, markdown=True), ""]
+        out += [head, ""]
+        if on_cpu(rows):
+            out += [f"({CPU_NOTE}.)", ""]
+        out += [table(rows, markdown=True), ""]
     return "\n".join(out)
 
 
@@ -801,19 +824,28 @@ def plot(records: list[dict[str, Any]], path: str) -> str:
     groups = sorted(latest_runs(records).items())
     if not groups:
         raise BenchError("no records to plot")
-    fig, axes = plt.subplots(len(groups), 2, figsize=(14, 3.2 * len(groups) + 0.6), squeeze=False)
+    groups = [(key, [r for r in rows if r.get("tok_s_gpu")]) for key, rows in groups]
+    # a memory panel only where some record measured memory (CPU ranks have no device memory counter)
+    cols = 2 if any(r.get("peak_gib") for _, rows in groups for r in rows) else 1
+    fig, axes = plt.subplots(len(groups), cols, figsize=(7 * cols, 3.2 * len(groups) + 0.6), squeeze=False)
     for i, (key, rows) in enumerate(groups):
-        rows = [r for r in rows if r.get("tok_s_gpu")]
         names = [r["system"] for r in rows]
         colors = ["#c44e52" if not is_peer(n) else "#4c72b0" for n in names]
+        cpu = on_cpu(rows)
         ax = axes[i][0]
         ax.barh(names, [r["tok_s_gpu"] for r in rows], color=colors)
-        ax.set_title(f"{_title(*key)}: tokens/s/GPU", fontsize=9)
+        ax.set_title(f"{_title(*key)}: " + ("tokens/s/rank (CPU: not a performance figure)" if cpu
+                                           else "tokens/s/GPU"), fontsize=9)
         ax.invert_yaxis()
-        ax = axes[i][1]
-        ax.barh(names, [r["peak_gib"] or 0.0 for r in rows], color=colors)
-        ax.set_title("peak memory per GPU (GiB)", fontsize=9)
-        ax.invert_yaxis()
+        if cols == 2:
+            ax = axes[i][1]
+            if any(r.get("peak_gib") for r in rows):
+                ax.barh(names, [r["peak_gib"] or 0.0 for r in rows], color=colors)
+                ax.set_title("peak memory per GPU (GiB)", fontsize=9)
+                ax.invert_yaxis()
+            else:
+                ax.set_axis_off()
+                ax.text(0.5, 0.5, "no memory measured", ha="center", va="center", fontsize=9)
         for a in axes[i]:
             a.tick_params(labelsize=8)
     fig.suptitle("autoshard (red) and its peers (blue)", fontsize=10)
