@@ -91,7 +91,7 @@ def ours(graphs):
     t = timed(step, 3, 10, dev)
     record({"system": f"autoshard-step{'-graphs' if graphs else ''}", "tok_s": B * S / t, "step_ms": 1e3 * t,
             "first_s": first, "loss1": l1, "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "compile_s": prog.compile_s, "graph_error": prog.graph_error, "nodes": rep["nodes"]})
+            "compile_s": prog.compile_s, "graph_error": prog.graph_error, "nodes": rep["nodes"], "remat": rep["remat"]})
 
 
 for name in sys.argv[3].split(",") if len(sys.argv) > 3 else ["compile", "ours-graphs", "ours"]:

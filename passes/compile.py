@@ -2,7 +2,9 @@
 
 The ordered passes after capture and the forward rewrites (tensor/expert parallel)::
 
-    joint      passes/joint.py       forward + loss + backward as one aten graph (AOTAutograd joint export)
+    joint      passes/joint.py       forward + loss + backward as one aten graph (AOTAutograd joint export);
+                                     rematerialize(): the min-cut partitioner chooses what backward recomputes
+                                     (AUTOSHARD_REMAT=0 keeps every forward value instead)
     optimizer  passes/optimizer.py   + dp gradient all-reduces (functional collectives) + non-finite skip
                                      + clipping + the SGD/Adam/AdamW update, in place
     lower      runtime/program.py    Inductor + CUDA-graph replay on GPUs; the FX module itself on CPU
@@ -15,6 +17,7 @@ checkpoints see what the program computes.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 
 from autoshard.runtime.program import StepProgram, cuda_graphs_enabled
 
-from .joint import LossModule, export_joint
+from .joint import LossModule, export_joint, rematerialize
 from .optimizer import OptimizerSpec, Reduction, Unsupported, build_step_graph, optimizer_spec
 
 
@@ -119,6 +122,9 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
 
     before = dict(C.bytes_sent())
     joint = export_joint(LossModule(forward_graph, loss), args, kwargs, target)
+    remat: dict[str, Any] = {"rematerialized": False, "reason": "AUTOSHARD_REMAT=0"}
+    if os.environ.get("AUTOSHARD_REMAT", "1").strip().lower() not in ("0", "false", "off", "no"):
+        joint, remat = rematerialize(joint)
     # tracing ran every forward and backward collective once: that is one step's traffic per group
     traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
     ident = {id(p): i for i, p in enumerate(state.params)}
@@ -158,7 +164,7 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
                                           reduction=reduction, grad_clip=grad_clip, example=example)
     compiled = device.type == "cuda" if compile is None else compile
     program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
-    report.update(traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
+    report.update(remat=remat, traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
                   cuda_graphs=program.cuda_graphs)
     return program, report
 

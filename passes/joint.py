@@ -140,3 +140,69 @@ def _describe(desc: Any) -> str:
     if "Mutation" in kind:
         return f"mutates an input or buffer ({desc!r}), e.g. batch-norm running statistics"
     return f"has an output of an unsupported kind ({desc!r})"
+
+
+def rematerialize(joint: JointGraph) -> tuple[JointGraph, dict[str, Any]]:
+    """The joint graph with the backward recomputing what is cheaper to recompute than to keep.
+
+    AOTAutograd's min-cut partitioner (the one ``torch.compile`` uses) splits the joint graph into a
+    forward that saves a minimal set of tensors and a backward that recomputes the rest (norm outputs,
+    casts, activations of pointwise chains) from them; the two are joined again here into one graph
+    of the same signature, so the step program keeps one graph while its activation memory matches
+    what a compiled model saves. Returns the graph and a report (tensors saved for backward); a graph
+    the partitioner cannot split is returned unchanged, with the reason in the report.
+    """
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    placeholders = [n for n in joint.gm.graph.nodes if n.op == "placeholder"]
+    joint_out = next(n for n in joint.gm.graph.nodes if n.op == "output").args[0]
+    try:
+        fw, bw = min_cut_rematerialization_partition(joint.gm, [n.meta.get("val") for n in placeholders],
+                                                     num_fwd_outputs=1)
+    except Exception as e:  # noqa: BLE001 - the unpartitioned graph is still exact
+        return joint, {"rematerialized": False, "reason": f"{type(e).__name__}: {e}"[:300]}
+    bw_out = next(n for n in bw.graph.nodes if n.op == "output").args[0]
+    if len(bw_out) != len(joint_out) - 1:
+        return joint, {"rematerialized": False, "reason": "the backward's outputs do not match the joint graph's"}
+    graph = torch.fx.Graph()
+    root = torch.nn.Module()
+    by_name: dict[str, torch.fx.Node] = {}
+    for p in placeholders:
+        q = graph.placeholder(p.name)
+        q.meta = dict(p.meta)
+        by_name[p.name] = q
+
+    def copy(gm: GraphModule, env: dict, tag: str) -> list:
+        out = []
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                out = list(n.args[0])
+                continue
+            new = graph.node_copy(n, lambda a: env[a])
+            if n.op == "get_attr":
+                new.target = f"{tag}_{n.target.replace('.', '_')}"
+                obj = gm
+                for part in n.target.split("."):
+                    obj = getattr(obj, part)
+                setattr(root, new.target, obj)
+            env[n] = new
+        return out
+
+    fw_env = {n: by_name[n.name] for n in fw.graph.nodes if n.op == "placeholder"}
+    fw_out = copy(fw, fw_env, "fw")
+    bw_env = {}
+    for n in bw.graph.nodes:
+        if n.op == "placeholder":
+            src = next((x for x in fw_out[1:] if isinstance(x, torch.fx.Node) and x.name == n.name), None)
+            bw_env[n] = fw_env[src] if src is not None else by_name[n.name]
+    bw_out = copy(bw, bw_env, "bw")
+    loss = fw_env[fw_out[0]]
+    graph.output([loss, *[bw_env[g] if isinstance(g, torch.fx.Node) else g for g in bw_out]])
+    graph.lint()
+    gm = GraphModule(root, graph)
+    report = {"rematerialized": True, "saved_for_backward": len(fw_out) - 1,
+              "nodes_before": len(joint.gm.graph.nodes), "nodes_after": len(gm.graph.nodes)}
+    return JointGraph(gm=gm, params=joint.params, buffers=joint.buffers, num_inputs=joint.num_inputs,
+                      grads=joint.grads, input_spec=joint.input_spec, loss_dtype=joint.loss_dtype), report
