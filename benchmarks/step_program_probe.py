@@ -78,6 +78,9 @@ def ours(graphs):
     t0 = time.perf_counter()
     gm = capture(m, (x,), {}, param_dtype=torch.bfloat16)
     params = dict(m.named_parameters())
+    for n, p in params.items():  # the graph was traced with bf16 stand-ins: point it at the real parameters
+        owner, _, leaf = n.rpartition(".")
+        gm.get_submodule(owner)._parameters[leaf] = p
     st = make_state(list(params), params, torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-4), dev)
     prog, rep = compile_step(gm, hf_loss, st, (x,), {}, x, dp_group=None, dp_size=1, buckets=[], grad_clip=None,
                              device=dev)
