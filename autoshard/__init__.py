@@ -9,6 +9,7 @@ from autoshard.runtime import (
     AutoshardError,
     CaptureError,
     CheckpointError,
+    DesyncError,
     Mesh,
     MeshError,
     ParamPlan,
@@ -33,6 +34,6 @@ def load(path: str, sm: ShardedModule) -> None:
 __version__ = "0.1.0"
 
 __all__ = [
-    "AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
+    "AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
     "PlanMismatchError", "ShardedModule", "autoshard", "backend", "launch", "load", "set_mesh",
 ]
