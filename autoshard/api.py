@@ -307,7 +307,7 @@ class ShardedModule(torch.nn.Module):
             _check_output_is_loss(gm)
         self._tp_plan = plan_tensor_parallel(gm, self._tp)
         layouts = self._tp_plan.layouts
-        self._guard = StepGuard(mesh, lambda: self.plan.fingerprint, embedding_inputs(  # [reliability] runtime/guards.py
+        self._guard = StepGuard(mesh, self, embedding_inputs(  # [reliability] runtime/guards.py
             gm, {a: lay.shape[0] for n, lay in layouts.items() if lay.role == "vocab" for a in (n, *lay.aliases)}, (args, kwargs)))
         self._params: dict[str, torch.nn.Parameter] = {}
         self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in model.named_buffers()

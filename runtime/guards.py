@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from collections.abc import Callable
+import weakref
 from typing import Any
 
 import torch
@@ -40,8 +40,8 @@ from .errors import DesyncError
 
 _M = 2**31 - 1  # hash modulus (prime); products of two residues fit in int64
 _P = 1_000_003  # hash base
-K = 9  # numbers per rank: attempt, fingerprint, rows, batch hash, bad ids, min id, max id, vocab, bad grads
-_ATTEMPT, _FP, _ROWS, _HASH, _BAD, _MIN, _MAX, _VOCAB, _GRAD = range(K)
+K = 10  # per rank: attempt, fingerprint, rows, batch hash, bad ids, min id, max id, vocab, bad grads, which inputs
+_ATTEMPT, _FP, _ROWS, _HASH, _BAD, _MIN, _MAX, _VOCAB, _GRAD, _WHICH = range(K)
 
 
 def checks_enabled() -> bool:
@@ -81,6 +81,15 @@ def embedding_inputs(gm: torch.fx.GraphModule, vocab: dict[str, int], example: A
 
 def _op_name(node: torch.fx.Node) -> str:
     return getattr(getattr(node.target, "overloadpacket", None), "__name__", "")
+
+
+def _path_name(path: tuple) -> str:
+    """``args[0]`` or ``input_ids``: how the user passed an input (``path`` into ``(args, kwargs)``)."""
+    if len(path) >= 2 and isinstance(path[0], SequenceKey):
+        head = f"args[{path[1].idx}]" if path[0].idx == 0 and isinstance(path[1], SequenceKey) else str(
+            getattr(path[1], "key", path[1]))
+        return head + "".join(f"[{getattr(k, 'idx', getattr(k, 'key', k))!r}]" for k in path[2:])
+    return str(path)
 
 
 def _leaf(tree: Any, path: tuple) -> Any:
@@ -132,13 +141,13 @@ class StepGuard:
     """One rank's side of the per-step agreement (module docstring). ``begin`` at the top of a
     training step, ``exchange`` after the loss all-reduce, ``problem`` after the host sync."""
 
-    def __init__(self, mesh: Any, fingerprint: Callable[[], str], vocab_inputs: list[tuple[tuple, int]]) -> None:
-        """``fingerprint``: returns the plan's fingerprint (read at the first step: the plan is made
-        after the inputs are known); ``vocab_inputs``: from :func:`embedding_inputs`."""
+    def __init__(self, mesh: Any, owner: Any, vocab_inputs: list[tuple[tuple, int]]) -> None:
+        """``owner``: the module whose ``plan.fingerprint`` the first step reads (held weakly: the plan
+        is made after the guard); ``vocab_inputs``: from :func:`embedding_inputs`."""
         self.mesh = mesh
         self.device = mesh.device
         self.enabled = not mesh.virtual and mesh.world_size > 1 and dist.is_available() and dist.is_initialized()
-        self._fingerprint_of = fingerprint
+        self._owner = weakref.ref(owner)
         self.fingerprint: int | None = None
         self.vocab_inputs = vocab_inputs
         self.tp = mesh.size("tp")
@@ -165,30 +174,50 @@ class StepGuard:
         if not self.enabled:
             return
         if self.fingerprint is None:
-            digest = hashlib.sha256(self._fingerprint_of().encode()).digest()
+            digest = hashlib.sha256(self._owner().plan.fingerprint.encode()).digest()
             self.fingerprint = int.from_bytes(digest[:6], "big")  # 48 bits: exact in float64
         dev = self.device
         leaves = [x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor)]
         inputs = [x for x in tree_flatten(batch[:2])[0] if isinstance(x, torch.Tensor)]
         rows = float(inputs[0].shape[0]) if inputs and inputs[0].dim() else -1.0
-        local: list[Any] = [float(self.attempt), float(self.fingerprint), rows, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+        local: list[Any] = [float(self.attempt), float(self.fingerprint), rows] + [0.0] * (K - 3)
         if checks_enabled() and self.tp > 1:
             local[_HASH] = batch_hash(leaves, dev)
             bad = mn = mx = None
             vocab = 0
-            for path, v in self.vocab_inputs:
+            which = None
+            for i, (path, v) in enumerate(self.vocab_inputs[:50]):
                 ids = _leaf(batch[:2], path)
                 if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or not ids.numel():
                     continue
                 ids = ids.to(dev)
                 b = ((ids < 0) | (ids >= v)).sum()
                 bad = b if bad is None else bad + b
+                w = (b > 0).double() * 2.0**i  # which inputs held the bad ids (a bit each)
+                which = w if which is None else which + w
                 mn = ids.min() if mn is None else torch.minimum(mn, ids.min())
                 mx = ids.max() if mx is None else torch.maximum(mx, ids.max())
                 vocab = v if not vocab else min(vocab, v)
             if bad is not None:
-                local[_BAD], local[_MIN], local[_MAX], local[_VOCAB] = bad, mn, mx, float(vocab)
+                local[_BAD], local[_MIN], local[_MAX], local[_VOCAB], local[_WHICH] = bad, mn, mx, float(vocab), which
         self._local = local
+        if self.attempt == 1:  # the first step also checks before its program runs (one sync, once), so a
+            self._all = self._gather(list(local))  # batch of the wrong shape fails before tp collectives pair
+            problem = self.problem(0)
+            self._all = None
+            if problem is not None:
+                raise problem
+
+    def _gather(self, local: list[Any]) -> torch.Tensor:
+        """Every rank's numbers, ``[world, K]`` on the device (one all-gather over the world)."""
+        dev = self.device
+        vec = torch.tensor([0.0 if isinstance(v, torch.Tensor) else v for v in local], dtype=torch.float64).to(dev)
+        for i, v in enumerate(local):  # device values copied in place: no host sync
+            if isinstance(v, torch.Tensor):
+                vec[i] = v.to(torch.float64).reshape(())
+        parts = [torch.empty_like(vec) for _ in range(self.mesh.world_size)]
+        dist.all_gather(parts, vec)
+        return torch.stack(parts)
 
     # ------------------------------------------------------------------ after the loss all-reduce
     def exchange(self, loss: torch.Tensor, optimizer: Any = None) -> torch.Tensor:
@@ -199,7 +228,6 @@ class StepGuard:
         """
         if not self.enabled or not self._local:
             return loss
-        dev = self.device
         local = list(self._local)
         self._local = []
         if optimizer is not None:
@@ -207,11 +235,7 @@ class StepGuard:
             if grads:
                 norms = torch._foreach_norm(grads)
                 local[_GRAD] = (~torch.isfinite(torch.stack([n.double() for n in norms]).sum())).double()
-        vec = torch.stack([v.to(dev, torch.float64).reshape(()) if isinstance(v, torch.Tensor)
-                           else torch.tensor(v, dtype=torch.float64, device=dev) for v in local])
-        parts = [torch.empty_like(vec) for _ in range(self.mesh.world_size)]
-        dist.all_gather(parts, vec)
-        every = torch.stack(parts)  # [world, K]
+        every = self._gather(local)  # [world, K]
         fatal = ((every[:, _ATTEMPT] != every[0, _ATTEMPT]).any() | (every[:, _FP] != every[0, _FP]).any()
                  | (every[:, _ROWS] != every[0, _ROWS]).any() | (every[:, _BAD] > 0).any()
                  | (every[:, _HASH] != every[self._tp_root_t, _HASH]).any())
@@ -256,10 +280,12 @@ class StepGuard:
         bad = [r for r in ranks if a[r][_BAD] > 0]
         if bad:
             r0 = a[bad[0]]
+            names = [_path_name(p) for i, (p, _) in enumerate(self.vocab_inputs[:50]) if int(r0[_WHICH]) >> i & 1]
             return IndexError(
                 f"index out of range in self: step {step}: token ids outside [0, {int(r0[_VOCAB])}) were given to "
-                f"an embedding (ids from {int(r0[_MIN])} to {int(r0[_MAX])}; {int(r0[_BAD])} out of range on rank "
-                f"{bad[0]}; ranks {bad}). Labels such as -100 belong in the target, not the model's inputs")
+                f"an embedding through the input {', '.join(names) or '?'} (ids from {int(r0[_MIN])} to "
+                f"{int(r0[_MAX])}; {int(r0[_BAD])} out of range on rank {bad[0]}; ranks {bad}). Labels such as -100 "
+                "belong in the target, not the model's inputs")
         diff = [r for r in ranks if a[r][_HASH] != a[self.tp_root[r]][_HASH]]
         if diff:
             return ValueError(

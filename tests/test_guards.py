@@ -76,6 +76,39 @@ def _tp_worker() -> dict:
     return res
 
 
+class _DataDependent(torch.nn.Module):  # torch.export cannot capture it: the eager fallback runs it
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else -self.lin(x)
+
+
+def _eager_nan_grads(mesh) -> dict:
+    """The eager data-parallel fallback at zero=0: a finite loss with NaN gradients skips the step."""
+    import warnings
+
+    poison = {"on": False}
+
+    def loss_fn(out, _):
+        loss = out.pow(2).mean()
+        return loss + 0 * torch.sqrt(out.sum() * 0) if poison["on"] else loss
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sm = autoshard.autoshard(_DataDependent(), mesh, example_inputs=(x,), loss_fn=loss_fn,
+                                 optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        first = _attempt(lambda: sm.train_step((x,)))
+        poison["on"] = True
+        poisoned = _attempt(lambda: sm.train_step((x,)))
+    return {"fallback": getattr(sm, "fallback", None), "first": first, "poisoned": poisoned,
+            "skipped": sm.stats().get("skipped_steps"),
+            "finite": all(bool(torch.isfinite(p).all()) for p in sm.local_parameters().values())}
+
+
 def _dp_worker() -> dict:
     """dp=2: unequal local batches, then a rank whose train_step raises once and is caught."""
     mesh = autoshard.Mesh(dp=2)
@@ -94,6 +127,7 @@ def _dp_worker() -> dict:
     rows = 2 + mesh.rank
     res["unequal"] = _attempt(lambda: sm.train_step((_tokens(1, rows),), _tokens(1, rows)))
     res["normal_again"] = _attempt(lambda: sm.train_step((_tokens(2),), _tokens(2)))
+    res["eager"] = _eager_nan_grads(mesh)
     fail["on"] = True
     t0 = time.monotonic()
     res["desync"] = []
@@ -130,7 +164,7 @@ def test_token_ids_outside_the_vocabulary_raise_index_error_at_tp2(tp_run, case)
     for r in tp_run:
         kind, msg = r[case]
         assert kind == "IndexError", (kind, msg)
-        assert f"[0, {VOCAB})" in msg and "index out of range" in msg
+        assert f"[0, {VOCAB})" in msg and "index out of range" in msg and "input args[0]" in msg
 
 
 def test_ranks_of_a_tp_group_fed_different_batches_raise_every_step(tp_run):
@@ -157,3 +191,11 @@ def test_a_caught_exception_on_one_rank_fails_every_rank_with_a_desync_error(dp_
         assert kind == "DesyncError", r["desync"]
         assert "out of step" in msg and "rank 0" in msg and "rank 1" in msg and "ranks [1] are ahead" in msg
         assert r["desync_s"] < 20  # not the collective timeout
+
+
+def test_nonfinite_gradients_skip_the_step_in_the_eager_fallback(dp_run):
+    for r in dp_run:
+        e = r["eager"]
+        assert e["fallback"] == "eager-data-parallel"
+        assert e["first"][0] == "ok" and e["poisoned"][0] == "ok", e
+        assert e["skipped"] == 1 and e["finite"], e
