@@ -104,6 +104,9 @@ def _worker(rank: int, nprocs: int, port: int, device: str, fn: Callable, args: 
                 pass
 
 
+_PEER_GONE = ("Connection reset", "Connection closed", "closed by peer", "Broken pipe", "remote process")
+
+
 class _Signalled(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -184,7 +187,8 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any, device: str | None =
             else:
                 # a rank that died (SIGKILL, out of memory) makes its peers fail with "Connection reset
                 # by peer": name the dead rank first, it is the cause
-                dead = _dead_without_report(procs, set(out) | {rank}, wait=3.0)
+                peer_gone = any(m in value for m in _PEER_GONE)  # then give the dead rank's exit code time to show
+                dead = _dead_without_report(procs, set(out) | {rank}, wait=3.0 if peer_gone else 0.0)
                 errors += [f"rank {r} {_describe_exit(code)}" for r, code in dead]
                 errors.append(f"rank {rank} failed:\n{value}")
                 break
