@@ -19,7 +19,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it, imported when the name is first read
 _LAZY = {
-    **dict.fromkeys(("AutoshardError", "CaptureError", "CheckpointError", "Mesh", "MeshError", "ParamPlan", "Plan",
+    **dict.fromkeys(("AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "Mesh", "MeshError",
+                     "ParamPlan", "Plan",
                      "PlanError", "PlanMismatchError", "ScheduleError"), "autoshard.runtime"),
     "ShardedModule": "autoshard.api",
     "autoshard": "autoshard.api",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API reference) see
         AutoshardError,
         CaptureError,
         CheckpointError,
+        DesyncError,
         Mesh,
         MeshError,
         ParamPlan,
@@ -82,6 +84,6 @@ def load(path: str, sm: ShardedModule) -> None:
 
 
 __all__ = [
-    "AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
+    "AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
     "PlanMismatchError", "ShardedModule", "autoshard", "backend", "launch", "load", "set_mesh",
 ]

@@ -41,6 +41,7 @@ from autoshard.runtime import collectives as C
 from autoshard.runtime import moe as moe_runtime
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
 from autoshard.runtime.errors import CaptureError, PlanError, PlanMismatchError
+from autoshard.runtime.guards import StepGuard, embedding_inputs
 from autoshard.runtime.layout import shard_tensor, unshard_tensor
 from autoshard.runtime.mesh import DIM_ORDER, GroupHandle, Mesh
 from autoshard.runtime.moe import ExpertGradientSync
@@ -284,7 +285,6 @@ class ShardedModule(torch.nn.Module):
         self._steps = 0
         self._skipped = 0
         self._last_comm: dict[str, float] = {}
-        self._checked_inputs = False
         self._last_inflight = 0
         self._tp = mesh.size("tp")
         self._pp = mesh.size("pp")
@@ -324,6 +324,8 @@ class ShardedModule(torch.nn.Module):
             _check_output_is_loss(gm)
         self._tp_plan = plan_tensor_parallel(gm, self._tp)
         layouts = self._tp_plan.layouts
+        self._guard = StepGuard(mesh, self, embedding_inputs(  # [reliability] runtime/guards.py
+            gm, {a: lay.shape[0] for n, lay in layouts.items() if lay.role == "vocab" for a in (n, *lay.aliases)}, (args, kwargs)))
         self._params: dict[str, torch.nn.Parameter] = {}
         self._buffers_local = {n: b.detach().to(mesh.device).clone() for n, b in model.named_buffers()
                                if n in dict(gm.named_buffers())}
@@ -489,8 +491,14 @@ class ShardedModule(torch.nn.Module):
             self._step_reports = report
             C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
         self._joint.set_lrs()
+        if self._guard.enabled:  # [reliability] the ranks' agreement vetoes the update inside the program
+            agreed = self._guard.exchange(torch.zeros((), device=self.mesh.device))
+            self._joint.veto.copy_(torch.isnan(agreed))
         out = prog(tree_flatten((args, kwargs, target))[0])
         loss, found, self._grad_norm = out.tolist()  # the one host synchronisation of the step
+        problem = self._guard.problem(self._steps)
+        if problem is not None:
+            raise problem  # no update was applied (the veto), on every rank
         stepped = not found
         if self._step_reports.get("reduce_bytes"):
             C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
@@ -841,9 +849,7 @@ class ShardedModule(torch.nn.Module):
             raise RuntimeError("train_step needs an optimizer: autoshard(..., optimizer=lambda ps: torch.optim.AdamW(ps))")
         args, kwargs = self._to_device(_as_call(inputs))
         target = self._to_device(target)
-        if not self._checked_inputs:
-            self._check_same_inputs_across_tp((args, kwargs, target))
-            self._checked_inputs = True
+        self._guard.begin((args, kwargs, target))  # [reliability] step counter, batch hash, token ids
         C.reset_bytes(f"mesh{self.mesh.id}.")
         if self._joint is not None:
             return self._joint_train_step(args, kwargs, target)
@@ -864,7 +870,7 @@ class ShardedModule(torch.nn.Module):
         if self.mesh.data_size > 1:
             g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
-        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps)
+        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps, guard=self._guard)
         self._collect_expert_stats()  # [experts]
         self._count_comm()  # after the step: its traffic too (parameter all-gathers, 1-bit Adam's momenta)
         self._skipped += not stepped
@@ -1102,20 +1108,6 @@ class ShardedModule(torch.nn.Module):
                 "rank must pass the same model, example input shapes and mesh"
             )
 
-    def _check_same_inputs_across_tp(self, batch) -> None:
-        if self._tp == 1 or self.mesh.virtual:
-            return
-        leaves = [x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor)]
-        s = torch.tensor([float(x.double().sum()) if x.numel() else 0.0 for x in leaves] or [0.0],
-                         dtype=torch.float64, device=self.mesh.device)
-        every = [torch.empty_like(s) for _ in range(self._tp)]
-        dist.all_gather(every, s, group=self.mesh.group("tp").group)  # every rank decides alike
-        if not all(torch.equal(every[0], t) for t in every):
-            raise ValueError(
-                "ranks that differ only in tp were given different batches: each must load the slice "
-                f"mesh.data_rank ({self.mesh.data_rank} of {self.mesh.data_size}) of the global batch"
-            )
-
     # ------------------------------------------------------------------ experts [experts]
     def _setup_experts(self, model: torch.nn.Module, capacity_factor: float | None) -> None:
         """Find the model's mixture-of-experts layers and check ``ep`` and the options against them.
@@ -1232,27 +1224,38 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
     return None
 
 
-def finish_step(zero: Any, optimizer: Any, loss: torch.Tensor, step: int) -> tuple[float, bool]:
+def finish_step(zero: Any, optimizer: Any, loss: torch.Tensor, step: int, guard: Any = None) -> tuple[float, bool]:
     """The end of a training step, shared by the graph and the eager paths: the optimizer step unless
     the global ``loss`` (on the device) or a gradient is not finite, then the gradients cleared.
 
     With the ZeRO memory manager the loss joins its one host synchronisation (read there, before the
     update is launched); otherwise the loss is read first. Returns (loss value, whether it stepped).
+    ``guard`` (runtime/guards.py): the ranks' per-step agreement, read at the same synchronisation;
+    without ZeRO it also carries whether every rank's gradients are finite. A failed check raises on
+    every rank, after the gradients are cleared and with no update applied.
     """
+    if guard is not None:
+        loss = guard.exchange(loss, optimizer if zero is None else None)
     if zero is not None:
         stepped = zero.step(loss=loss)
         value = zero.last_loss
     else:
         value = float(loss)
-        stepped = math.isfinite(value)
+        stepped = math.isfinite(value) and (guard is None or guard.grads_finite())
         if stepped:
             optimizer.step()
-    if not math.isfinite(value):
+    problem = guard.problem(step) if guard is not None else None
+    if problem is None and not math.isfinite(value):
         warnings.warn(f"step {step}: loss is {value}; optimizer step skipped on every rank", stacklevel=3)
+    elif problem is None and not stepped and zero is None:
+        warnings.warn(f"step {step}: a gradient is not finite (loss {value}); optimizer step skipped on every rank",
+                      stacklevel=3)
     if zero is not None:
         zero.zero_grad()
     else:
         optimizer.zero_grad(set_to_none=True)
+    if problem is not None:
+        raise problem
     return value, stepped
 
 

@@ -22,6 +22,7 @@ import torch
 from autoshard.runtime import collectives as C
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
 from autoshard.runtime.errors import CaptureError
+from autoshard.runtime.guards import StepGuard
 from autoshard.runtime.mesh import Mesh
 from autoshard.runtime.plan import ParamPlan, Plan
 from autoshard.runtime.zero import ZeroOptimizer
@@ -99,6 +100,7 @@ class EagerDataParallel(torch.nn.Module):
             notes=[note],
             zero={"stage": zero, "precision": "fp32", "offload": offload, "grad_clip": grad_clip},
         )
+        self._guard = StepGuard(mesh, self, [])  # [reliability] runtime/guards.py
         warnings.warn(f"autoshard: {error}\nFalling back to {FALLBACK}: the unmodified {type(model).__name__} on "
                       f"every rank, gradients averaged over dp={mesh.size('dp')}.", stacklevel=3)
 
@@ -126,6 +128,7 @@ class EagerDataParallel(torch.nn.Module):
         args, kwargs = _as_call(inputs)
         args = tuple(move(a) for a in args)
         kwargs = {k: move(v) for k, v in kwargs.items()}
+        self._guard.begin((args, kwargs, target))
         C.reset_bytes(self._dp_key)
         self._sync.begin()
         loss = self._loss(self.module(*args, **kwargs), move(target))
@@ -139,7 +142,7 @@ class EagerDataParallel(torch.nn.Module):
             C.all_reduce_(g, self._dp_key)
         from autoshard.api import finish_step  # api imports this module lazily: no cycle
 
-        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps)
+        value, stepped = finish_step(self._zero, self.optimizer, g, self._steps, guard=self._guard)
         self._last_dp_bytes = C.bytes_sent(self._dp_key).get(self._dp_key, 0.0)
         self._skipped += not stepped
         self._steps += 1

@@ -12,7 +12,7 @@ from autoshard.passes.compile import compile_step, make_state
 dev = torch.device("cuda")
 torch.autograd.set_detect_anomaly(True)
 for dtype in (torch.bfloat16, None):
-    for attn in ("sdpa", "eager"):
+    for attn in ("sdpa",):
         try:
             cfg = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=2,
                               num_attention_heads=16, num_key_value_heads=16, use_cache=False, attn_implementation=attn)

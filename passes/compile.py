@@ -43,6 +43,7 @@ class StepState:
     steps: list[torch.Tensor]
     lrs: list[torch.Tensor]
     _lr_values: list[float] = field(default_factory=list)
+    veto: torch.Tensor | None = None  # bool scalar: skip this step (the ranks disagree, runtime/guards.py)
 
     @property
     def separate_masters(self) -> bool:
@@ -102,7 +103,8 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
     states = [[torch.zeros_like(m, dtype=torch.float32) for m in masters] for _ in spec.state_keys]
     steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in masters]
     lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
-    state = StepState(names, plist, masters, opt, spec, states, steps, lrs, [float(g["lr"]) for g in opt.param_groups])
+    state = StepState(names, plist, masters, opt, spec, states, steps, lrs, [float(g["lr"]) for g in opt.param_groups],
+                      torch.zeros((), dtype=torch.bool, device=device))
     state.expose()
     return state
 
@@ -155,7 +157,7 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     tensors: list[Any] = [*params, *(masters if separate else []), *buffers]
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
-    tensors += [t for s in states for t in s] + steps + list(state.lrs)
+    tensors += [t for s in states for t in s] + steps + list(state.lrs) + [state.veto]
     example = list(tensors)
     for s, x in zip(slots, inputs):
         example[s] = x

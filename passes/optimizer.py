@@ -6,7 +6,7 @@ function that a training step is::
     loss, grads = joint(params, buffers, inputs, 1)          # forward + backward, one graph
     grads  = all_reduce(bucket(grads), dp) / dp               # functional collectives: graph nodes
     loss   = all_reduce(loss, dp) / dp
-    found  = not isfinite(loss) or not isfinite(Σ‖g‖²)        # skip the step on every rank, no host sync
+    found  = not isfinite(loss) or not isfinite(Σ‖g‖²) or veto   # skip on every rank, no host sync
     grads *= min(1, clip / (‖g‖ + 1e-6))                      # with grad_clip
     masters, states = update(masters, grads, states, lr)      # SGD / Adam / AdamW, torch's formulas
     params = masters.to(compute dtype)                        # bf16: the compute copy, written in place
@@ -96,7 +96,8 @@ class StepLayout:
 
     def count(self) -> int:
         n = self.num_params * (2 if self.separate_masters else 1)
-        return n + self.num_buffers + self.num_inputs + self.num_params * (len(self.state_keys) + 1) + self.num_groups
+        n += self.num_buffers + self.num_inputs + self.num_params * (len(self.state_keys) + 1) + self.num_groups
+        return n + 1  # the veto: a bool the runtime sets when the ranks disagree (runtime/guards.py)
 
 
 @dataclass
@@ -149,6 +150,7 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
         states = [[next(it) for _ in range(n)] for _ in spec.state_keys]
         steps = [next(it) for _ in range(n)]
         lrs = [next(it) for _ in range(layout.num_groups)]
+        veto = next(it)
         loss = flat[count].float()
         grads: list[torch.Tensor | None] = [None] * n  # None: no gradient, never updated (as torch.optim)
         for k, i in enumerate(present):
@@ -163,7 +165,7 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
             from torch.distributed import _functional_collectives as funcol
 
             sumsq = funcol.wait_tensor(funcol.all_reduce(sumsq.reshape(1), "sum", reduction.norm_group)).reshape(())
-        found = torch.logical_not(torch.isfinite(loss) & torch.isfinite(sumsq))
+        found = torch.logical_not(torch.isfinite(loss) & torch.isfinite(sumsq)) | veto
         if grad_clip is not None:
             coef = torch.clamp(grad_clip / (sumsq.sqrt() + 1e-6), max=1.0)
             grads = [g * coef if g is not None else None for g in grads]

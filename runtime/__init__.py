@@ -4,6 +4,7 @@ from .errors import (
            AutoshardError,
            CaptureError,
            CheckpointError,
+           DesyncError,
            MeshError,
            PlanError,
            PlanMismatchError,
@@ -12,5 +13,5 @@ from .errors import (
 from .mesh import Mesh
 from .plan import ParamPlan, Plan
 
-__all__ = ["AutoshardError", "CaptureError", "CheckpointError", "ScheduleError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
+__all__ = ["AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
            "ParamPlan", "Plan"]

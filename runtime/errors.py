@@ -31,3 +31,8 @@ class ScheduleError(AutoshardError, ValueError):
 
 class CheckpointError(AutoshardError, RuntimeError):
     """A checkpoint cannot be written or read: missing, corrupt, incomplete, or from another model."""
+
+
+class DesyncError(AutoshardError, RuntimeError):
+    """Ranks reached a training step in different states (step counters or plans differ): they no
+    longer make the same collectives, and the step's gradients are mixed."""

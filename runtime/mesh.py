@@ -12,6 +12,7 @@ dimension through :func:`torch.distributed.device_mesh.init_device_mesh`. A *vir
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import os
 from dataclasses import dataclass
@@ -35,6 +36,21 @@ class GroupHandle:
     size: int
     rank: int
     group: object | None  # torch.distributed.ProcessGroup, or None when size == 1 / virtual
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """How long one collective waits for its peers before failing: ``AUTOSHARD_COLLECTIVE_TIMEOUT``
+    seconds when set (``autoshard.launch`` sets it, 300 s by default), else torch's default."""
+    value = os.environ.get("AUTOSHARD_COLLECTIVE_TIMEOUT")
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise MeshError(f"AUTOSHARD_COLLECTIVE_TIMEOUT={value!r} must be a number of seconds") from None
+    if not seconds > 0:
+        raise MeshError(f"AUTOSHARD_COLLECTIVE_TIMEOUT={value!r} must be a positive number of seconds")
+    return datetime.timedelta(seconds=seconds)
 
 
 class Mesh:
@@ -123,7 +139,7 @@ class Mesh:
             use_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
             if use_cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group("nccl" if use_cuda else "gloo")
+            dist.init_process_group("nccl" if use_cuda else "gloo", timeout=collective_timeout())
         world = dist.get_world_size()
         if world != want:
             raise MeshError(self._size_message(world))
