@@ -7,6 +7,9 @@ the cost model; ``--diff`` compares two plans) and ``calibrate`` (measure this m
 hardware profile). Exit codes: 0 success, 1 the command's check failed (demo: parity; check:
 unexplained fallbacks; plan --diff: the decisions differ), 2 usage or plan errors (including "no feasible
 plan"), reported on stderr as ``autoshard: error: ...``.
+
+Why this module is long: every command's parser, help text and error handling sit together, with
+the heavy imports inside the commands, so `autoshard --help` starts without torch.
 """
 
 from __future__ import annotations

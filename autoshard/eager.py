@@ -27,6 +27,8 @@ from autoshard.runtime.mesh import Mesh
 from autoshard.runtime.plan import ParamPlan, Plan
 from autoshard.runtime.zero import ZeroOptimizer
 
+from .steps import finish_step, model_loss
+
 FALLBACK = "eager-data-parallel"
 
 
@@ -114,8 +116,6 @@ class EagerDataParallel(torch.nn.Module):
         return self
 
     def _loss(self, out: Any, target: Any) -> torch.Tensor:
-        from autoshard.api import model_loss  # api imports this module lazily: no cycle
-
         return model_loss(out, target, self.loss_fn)
 
     def train_step(self, inputs: Any, target: Any = None) -> float:
@@ -140,7 +140,6 @@ class EagerDataParallel(torch.nn.Module):
         if self.mesh.data_size > 1:
             g.div_(self.mesh.data_size)
             C.all_reduce_(g, self._dp_key)
-        from autoshard.api import finish_step  # api imports this module lazily: no cycle
 
         value, stepped = finish_step(self._zero, self.optimizer, g, self._steps, guard=self._guard)
         self._last_dp_bytes = C.bytes_sent(self._dp_key).get(self._dp_key, 0.0)
