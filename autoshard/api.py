@@ -457,6 +457,10 @@ class ShardedModule(torch.nn.Module):
 
             self._joint = make_state(list(self._params), self._params, self._capture_dtype, optimizer, mesh.device)
             self.optimizer = self._joint.optimizer
+            if self._joint.separate_masters:  # the bf16 compute copies take the parameters' places in the graphs
+                self._params.update(zip(self._joint.names, self._joint.params))
+                for prog in self._programs.values():
+                    self._bind(prog, list(self._tp_plan.layouts))
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
         self._bind_compressing_optimizer(layouts)

@@ -24,6 +24,9 @@ for dtype in (torch.bfloat16, None):
                 owner, _, leaf = n.rpartition(".")
                 gm.get_submodule(owner)._parameters[leaf] = p
             st = make_state(list(params), params, dtype, lambda ps: torch.optim.AdamW(ps, lr=1e-4), dev)
+            for n, p in zip(st.names, st.params):  # the bf16 compute copies in the graph
+                owner, _, leaf = n.rpartition(".")
+                gm.get_submodule(owner)._parameters[leaf] = p
             prog, rep = compile_step(gm, lambda o, t: lm_loss(o.logits, t), st, (x,), {}, x, dp_group=None,
                                      dp_size=1, buckets=[], grad_clip=None, device=dev, compile=False)
             print(dtype, attn, "OK", prog([x, x]).tolist(), flush=True)

@@ -82,6 +82,9 @@ def ours(graphs):
         owner, _, leaf = n.rpartition(".")
         gm.get_submodule(owner)._parameters[leaf] = p
     st = make_state(list(params), params, torch.bfloat16, lambda ps: torch.optim.AdamW(ps, lr=1e-4), dev)
+    for n, p in zip(st.names, st.params):  # the bf16 compute copies in the graph
+        owner, _, leaf = n.rpartition(".")
+        gm.get_submodule(owner)._parameters[leaf] = p
     prog, rep = compile_step(gm, hf_loss, st, (x,), {}, x, dp_group=None, dp_size=1, buckets=[], grad_clip=None,
                              device=dev)
 

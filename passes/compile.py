@@ -89,6 +89,9 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
                device: torch.device) -> StepState:
     """Masters (fp32 copies when ``compute_dtype`` is lower), the user's optimizer over them, zeroed states.
 
+    With a lower ``compute_dtype`` the compute copies are new parameter objects (``state.params``), which
+    the caller binds into its forward graphs in place of ``params``.
+
     Raises :class:`Unsupported` (before anything is changed) when the optimizer has no in-graph update.
     """
     plist = [params[n] for n in names]
@@ -97,9 +100,8 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
                for p in plist]
     opt = optimizer_factory([m for m in masters if m.requires_grad])
     spec = optimizer_spec(opt, masters)  # raises Unsupported
-    if separate:
-        for p, m in zip(plist, masters):
-            p.data = m.detach().to(compute_dtype)
+    if separate:  # new compute-copy objects (not a dtype change under .data): the caller binds them
+        plist = [torch.nn.Parameter(m.detach().to(compute_dtype), requires_grad=m.requires_grad) for m in masters]
     states = [[torch.zeros_like(m, dtype=torch.float32) for m in masters] for _ in spec.state_keys]
     steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in masters]
     lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
