@@ -37,24 +37,36 @@ def _attempt(fn) -> tuple[str, str]:
         return type(e).__name__, str(e)
 
 
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward; the gradient times NaN where ``flag`` (a tensor) is set: finite loss, NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.save_for_backward(flag)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (flag,) = ctx.saved_tensors
+        return g * torch.where(flag, float("nan"), 1.0), None
+
+
 def _tp_worker() -> dict:
     """tp=2 (vocab-parallel embedding): non-finite gradients, ids out of range, different batches."""
     mesh = autoshard.Mesh(tp=2)
-    poison = {"on": False}
 
-    def loss_fn(out, tokens):
+    def loss_fn(out, target):
+        # a target (tokens, flag) poisons the gradient where flag is set: the loss is traced once per
+        # input signature (the step program), so the poison is data, not Python state
+        tokens, flag = target if isinstance(target, tuple) else (target, None)
         loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-        if poison["on"]:  # value + 0, gradient 0 * inf = NaN everywhere
-            loss = loss + 0 * torch.sqrt(out.sum() * 0)
-        return loss
+        return _PoisonGrad.apply(loss, flag) if flag is not None else loss
 
     sm = autoshard.autoshard(_model(), mesh, example_inputs=(_tokens(0),), loss_fn=loss_fn,
                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
     res: dict = {}
     res["normal"] = _attempt(lambda: sm.train_step((_tokens(0),), _tokens(0)))
-    poison["on"] = True
-    res["nan_grads"] = _attempt(lambda: sm.train_step((_tokens(1),), _tokens(1)))
-    poison["on"] = False
+    res["nan_grads"] = _attempt(lambda: sm.train_step((_tokens(1),), (_tokens(1), torch.tensor(True))))
     res["nan_grads_skipped"] = sm.stats()["skipped_steps"]
     res["params_finite"] = all(bool(torch.isfinite(p).all()) for p in sm.local_parameters().values())
     bad = _tokens(2).clone()
@@ -111,6 +123,10 @@ def _eager_nan_grads(mesh) -> dict:
 
 def _dp_worker() -> dict:
     """dp=2: unequal local batches, then a rank whose train_step raises once and is caught."""
+    # a loss_fn that raises on one rank at one step is Python state: the step program traces the loss once
+    # per input signature, so this walk-through runs on the interpreted executor (the tp walk-through above
+    # checks the same per-step agreement on the step program)
+    os.environ["AUTOSHARD_EXECUTOR"] = "interpreted"
     mesh = autoshard.Mesh(dp=2)
     fail = {"on": False}
 
