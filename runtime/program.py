@@ -37,7 +37,9 @@ class StepProgram:
                  compile: bool, cuda_graphs: bool) -> None:
         """``tensors``: the graph's inputs in its order, with ``None`` at ``input_slots`` (the batch)."""
         self.gm = gm
-        self.tensors = tensors
+        # detached views of the same storage: the program updates them in place, and nothing in it is
+        # differentiated (Inductor then compiles an inference graph with input mutations)
+        self.tensors = [t.detach() if isinstance(t, torch.Tensor) else t for t in tensors]
         self.input_slots = input_slots
         self.device = device
         self.compiled = compile
@@ -60,7 +62,8 @@ class StepProgram:
         from torch._inductor.compile_fx import compile_fx
 
         t = time.perf_counter()
-        self._fn = compile_fx(self.gm, args)
+        with torch.no_grad():
+            self._fn = compile_fx(self.gm, args)
         self.compile_s = time.perf_counter() - t
 
     def __call__(self, inputs: list[Any]) -> torch.Tensor:

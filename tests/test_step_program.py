@@ -201,3 +201,28 @@ def test_the_step_graph_shows_forward_backward_and_update():
     trainable = sum(p.requires_grad for p in sm.local_parameters().values())
     assert len(copies) == 4 * trainable
     assert "aten.where" in text and "aten.logical_not" in text  # the device-side skip
+
+
+@pytest.mark.slow
+def test_inductor_lowering_computes_what_the_fx_program_computes():
+    """The GPU lowering (Inductor's compile_fx over the step graph, inputs updated in place), here on CPU."""
+    from autoshard.passes.compile import compile_step
+
+    results = []
+    for compiled in (False, True):
+        sm = _single(opt="adamw", grad_clip=1.0)
+        inp, target, _ = inputs("gpt", batch(0))
+        fwd = sm._program(inp, {}, training=True)
+        prog, _ = compile_step(fwd, sm._loss, sm._joint, inp, {}, target, dp_group=None, dp_size=1,
+                               buckets=[], grad_clip=1.0, device=torch.device("cpu"), compile=compiled)
+        losses = []
+        for step in range(2):
+            inp, target, _ = inputs("gpt", batch(step))
+            losses.append(prog([*inp, target]).tolist())
+        results.append((losses, {n: p.detach().clone() for n, p in sm.local_parameters().items()}))
+    (l0, p0), (l1, p1) = results
+    assert prog.compiled and prog.compile_s > 0
+    for a, b in zip(l0, l1):
+        assert abs(a[0] - b[0]) <= 1e-5 * abs(a[0]) and a[1] == b[1] == 0.0
+    for n in p0:
+        assert float((p0[n] - p1[n]).norm() / p0[n].norm().clamp_min(1e-12)) < 1e-4, n
