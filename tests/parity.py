@@ -167,6 +167,23 @@ class InfGrad(torch.autograd.Function):
         return g * float("inf")
 
 
+class FlagGrad(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by ``value`` (inf, NaN) where the tensor ``flag``
+    is set. A finite loss with non-finite gradients, driven by data: the step program traces the loss
+    once per input signature, so Python-side switches would be baked in."""
+
+    @staticmethod
+    def forward(ctx, x, flag, value):
+        ctx.save_for_backward(flag)
+        ctx.value = value
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (flag,) = ctx.saved_tensors
+        return g * torch.where(flag, ctx.value, 1.0), None, None
+
+
 def run_cases(cases: list[tuple]) -> list[dict | None]:
     """Each case: (model kind, optimizer, mesh degrees[, autoshard options])."""
     return [sharded(c[0], c[1], c[2], **(c[3] if len(c) > 3 else {})) for c in cases]

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import autoshard
+from parity import FlagGrad
 
 pytestmark = pytest.mark.slow
 
@@ -37,20 +38,6 @@ def _attempt(fn) -> tuple[str, str]:
         return type(e).__name__, str(e)
 
 
-class _PoisonGrad(torch.autograd.Function):
-    """Identity forward; the gradient times NaN where ``flag`` (a tensor) is set: finite loss, NaN gradients."""
-
-    @staticmethod
-    def forward(ctx, x, flag):
-        ctx.save_for_backward(flag)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (flag,) = ctx.saved_tensors
-        return g * torch.where(flag, float("nan"), 1.0), None
-
-
 def _tp_worker() -> dict:
     """tp=2 (vocab-parallel embedding): non-finite gradients, ids out of range, different batches."""
     mesh = autoshard.Mesh(tp=2)
@@ -60,7 +47,7 @@ def _tp_worker() -> dict:
         # input signature (the step program), so the poison is data, not Python state
         tokens, flag = target if isinstance(target, tuple) else (target, None)
         loss = torch.nn.functional.cross_entropy(out[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
-        return _PoisonGrad.apply(loss, flag) if flag is not None else loss
+        return FlagGrad.apply(loss, flag, float("nan")) if flag is not None else loss
 
     sm = autoshard.autoshard(_model(), mesh, example_inputs=(_tokens(0),), loss_fn=loss_fn,
                              optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))

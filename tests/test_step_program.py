@@ -12,27 +12,13 @@ import pytest
 import torch
 
 import autoshard
-from parity import batch, check, inputs, make_model, make_optimizer, reference
-
-
-class _PoisonGrad(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by inf where ``flag`` (a tensor input) is set."""
-
-    @staticmethod
-    def forward(ctx, x, flag):
-        ctx.save_for_backward(flag)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (flag,) = ctx.saved_tensors
-        return g * torch.where(flag, float("inf"), 1.0), None
+from parity import FlagGrad, batch, check, inputs, make_model, make_optimizer, reference
 
 
 def _gpt_loss(logits, target):
     tokens, flag = target
     loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-    return _PoisonGrad.apply(loss, flag)
+    return FlagGrad.apply(loss, flag, float("inf"))
 
 
 def _collective_signature(sm) -> list[str]:
