@@ -73,6 +73,11 @@ class StepState:
         """Copy values someone put into ``optimizer.state`` (a checkpoint load) into the program's tensors."""
         for i, m in enumerate(self.masters):
             st = self.optimizer.state.get(m, {})
+            if not st:  # cleared (a fresh optimizer for this parameter): zero states, step 0
+                for j in range(len(self.spec.state_keys)):
+                    self.states[j][i].zero_()
+                self.steps[i].zero_()
+                continue
             for j, k in enumerate(self.spec.state_keys):
                 v = st.get(k)
                 if isinstance(v, torch.Tensor) and v is not self.states[j][i]:
