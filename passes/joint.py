@@ -142,6 +142,34 @@ def _describe(desc: Any) -> str:
     return f"has an output of an unsupported kind ({desc!r})"
 
 
+def inline(src: GraphModule, graph: torch.fx.Graph, root: torch.nn.Module, env: dict, tag: str) -> list:
+    """Copy ``src``'s nodes (not its placeholders, which ``env`` maps) into ``graph``; return its output
+    arguments as ``src``'s own nodes (``env`` maps them to the copies).
+
+    Attributes read by ``get_attr`` move to ``root`` as ``{tag}_{name}``, so graphs inlined side by side
+    never clash. The one way the step program's passes join graphs (rematerialize, the optimizer pass).
+    """
+    out: list = []
+    for n in src.graph.nodes:
+        if n.op == "placeholder":
+            continue
+        if n.op == "output":
+            out = list(n.args[0]) if isinstance(n.args[0], (list, tuple)) else [n.args[0]]
+            continue
+        new = graph.node_copy(n, lambda a: env[a])
+        if n.op == "get_attr":
+            obj = src
+            for part in n.target.split("."):
+                obj = getattr(obj, part)
+            new.target = f"{tag}_{n.target.replace('.', '_')}"
+            if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
+                root.register_buffer(new.target, obj)
+            else:
+                setattr(root, new.target, obj)
+        env[n] = new
+    return out
+
+
 def rematerialize(joint: JointGraph) -> tuple[JointGraph, dict[str, Any]]:
     """The joint graph with the backward recomputing what is cheaper to recompute than to keep.
 
@@ -172,32 +200,14 @@ def rematerialize(joint: JointGraph) -> tuple[JointGraph, dict[str, Any]]:
         q.meta = dict(p.meta)
         by_name[p.name] = q
 
-    def copy(gm: GraphModule, env: dict, tag: str) -> list:
-        out = []
-        for n in gm.graph.nodes:
-            if n.op == "placeholder":
-                continue
-            if n.op == "output":
-                out = list(n.args[0])
-                continue
-            new = graph.node_copy(n, lambda a: env[a])
-            if n.op == "get_attr":
-                new.target = f"{tag}_{n.target.replace('.', '_')}"
-                obj = gm
-                for part in n.target.split("."):
-                    obj = getattr(obj, part)
-                setattr(root, new.target, obj)
-            env[n] = new
-        return out
-
     fw_env = {n: by_name[n.name] for n in fw.graph.nodes if n.op == "placeholder"}
-    fw_out = copy(fw, fw_env, "fw")
+    fw_out = inline(fw, graph, root, fw_env, "fw")
     bw_env = {}
     for n in bw.graph.nodes:
         if n.op == "placeholder":
             src = next((x for x in fw_out[1:] if isinstance(x, torch.fx.Node) and x.name == n.name), None)
             bw_env[n] = fw_env[src] if src is not None else by_name[n.name]
-    bw_out = copy(bw, bw_env, "bw")
+    bw_out = inline(bw, graph, root, bw_env, "bw")
     loss = fw_env[fw_out[0]]
     graph.output([loss, *[bw_env[g] if isinstance(g, torch.fx.Node) else g for g in bw_out]])
     graph.lint()

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule
 
-from .joint import JointGraph
+from .joint import JointGraph, inline
 
 
 class Unsupported(Exception):
@@ -214,44 +214,14 @@ def _splice(joint: JointGraph, tail: GraphModule, layout: StepLayout, wanted: li
     tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
                                   {"dtype": joint.loss_dtype, "device": loss_val.device, "pin_memory": False})
     env[jph[-1]] = tangent
-    for nd in joint.gm.graph.nodes:
-        if nd.op in ("placeholder", "output"):
-            continue
-        if nd.op == "get_attr":
-            _copy_attr(joint.gm, root, nd.target, nd.target)
-        env[nd] = graph.node_copy(nd, lambda a: env[a])
+    inline(joint.gm, graph, root, env, "joint")
     tenv: dict[torch.fx.Node, Any] = dict(zip(tail_ph[:count], step_ph))
     for k, p in enumerate(tail_ph[count:]):
         tenv[p] = env[wanted[k]]
-    for nd in tail.graph.nodes:
-        if nd.op == "placeholder":
-            continue
-        if nd.op == "output":
-            graph.output(torch.fx.map_arg(nd.args[0], lambda a: tenv[a]))
-            continue
-        new = graph.node_copy(nd, lambda a: tenv[a])
-        if nd.op == "get_attr":
-            new.target = "tail_" + nd.target.replace(".", "_")
-            _copy_attr(tail, root, nd.target, new.target)
-        tenv[nd] = new
+    (result,) = inline(tail, graph, root, tenv, "tail")
+    graph.output(tenv[result])
     graph.lint()
     return GraphModule(root, graph)
-
-
-def _copy_attr(src: torch.nn.Module, dst: torch.nn.Module, name: str, as_name: str) -> None:
-    obj = src
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    *path, leaf = as_name.split(".")
-    mod = dst
-    for part in path:
-        if not hasattr(mod, part):
-            mod.add_module(part, torch.nn.Module())
-        mod = getattr(mod, part)
-    if isinstance(obj, torch.Tensor) and not isinstance(obj, torch.nn.Parameter):
-        mod.register_buffer(leaf, obj)
-    else:
-        setattr(mod, leaf, obj)
 
 
 def _all_reduce_mean(grads, loss, reduction: Reduction):
