@@ -508,8 +508,8 @@ class ShardedModule(torch.nn.Module):
         stepped = not found
         if self._step_reports.get("reduce_bytes"):
             C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
-        for key, nbytes in self._step_reports.get("traced_bytes", {}).items():
-            C.count_bytes(key, nbytes)  # the forward and backward collectives of one step, counted when traced
+        for group_key, nbytes in self._step_reports.get("traced_bytes", {}).items():
+            C.count_bytes(group_key, nbytes)  # the forward and backward collectives of one step, counted when traced
         self._count_comm()
         if not stepped:
             warnings.warn(f"step {self._steps}: loss {loss} or a gradient is not finite; optimizer step skipped "
