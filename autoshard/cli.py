@@ -398,12 +398,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 # ====================================================================================== parser
 _VIZ_DESCRIPTION = """\
 Shard MODEL on a virtual mesh (no processes; rank 0's view) and draw the
-rewritten graph: nodes grouped by pipeline stage and module, edges labelled
-with placement (R, S(d), P) and local shape, collectives with the bytes they
-move, fallbacks with their reason and source line, and repeated blocks folded
-into one group marked '× N'. The HTML page is self-contained (no network
-references) and adds the pipeline schedule timeline (pp > 1) and per-rank
-memory."""
+rewritten graph: nodes grouped by pipeline stage and module, inputs named by
+their arguments, edges labelled with placement (R, S(d), P) and local shape,
+collectives with the bytes they move, fallbacks with their reason and source
+line, repeated blocks folded into one group marked '× N', and the attention
+mask and position ops folded into one box. The HTML page is self-contained
+(no network references) and adds a legend of the mesh (what dp, tp, pp, ep,
+cp split), one step of rank 0 in time (compute and communication, their
+overlap) with its memory over time, the pipeline schedule (pp > 1) and
+per-rank memory."""
 
 _CHECK_DESCRIPTION = """\
 Shard MODEL on a virtual mesh and print its op coverage (per op: nodes run on
@@ -479,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write ('-' for stdout); default autoshard_viz.html for html, stdout otherwise")
     v.add_argument("--format", choices=("html", "svg", "dot", "json"), default=None,
                    help="html (default, or from the extension of -o), svg (the graph alone), dot (graphviz) or json")
-    v.add_argument("--no-fold", action="store_true", help="draw every repeated block instead of one marked '× N'")
+    v.add_argument("--no-fold", action="store_true", help="draw every repeated block and every op (no '× N' groups, no folded boxes)")
     v.set_defaults(func=_guarded(_viz))
 
     c = sub.add_parser(

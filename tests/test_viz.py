@@ -2,8 +2,12 @@
 
 The GPT example is sharded on virtual meshes (dp=2×tp=2, and pp=2×tp=2 with four blocks), drawn in
 every format and checked for content: collectives with their bytes, pipeline stages, folded blocks,
-a page with no network references, escaped model text. Headless Chromium then loads the page, and the
-DOM and a screenshot are checked; CI installs Chromium (``.ci/run``), so its absence is a failure.
+a page with no network references, escaped model text. Tiny Hugging Face models (Llama and Qwen2
+built from a config: hidden 64, two layers) are checked for what makes their page readable: the
+mask and position ops folded into one box, inputs named by their arguments, stage labels naming
+their layers, the mesh legend, and one step in time with its memory. Headless Chromium then loads the
+pages, and the DOM, the laid-out geometry (read back by a probe script) and a screenshot are checked;
+CI installs Chromium (``.ci/run``), so its absence is a failure.
 """
 
 from __future__ import annotations
@@ -44,6 +48,32 @@ def dp_tp() -> viz.Lowered:
 @pytest.fixture(scope="module")
 def pp_tp() -> viz.Lowered:
     return _lower({"pp": 2, "tp": 2}, n_layers=4)
+
+
+def _hf_lower(mesh: dict[str, int], family: str = "llama") -> viz.Lowered:
+    """A tiny Hugging Face causal LM built from a config, given ``input_ids`` and ``labels`` (its own loss)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+    if family == "qwen2":
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kw))
+    else:
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    low = viz.lower(model, mesh, (), {"input_ids": ids, "labels": ids})
+    low.inputs = "input_ids=int64[4,32],labels=int64[4,32]"
+    return low
+
+
+@pytest.fixture(scope="module")
+def hf_dp_tp() -> viz.Lowered:
+    return _hf_lower({"dp": 2, "tp": 2})
+
+
+@pytest.fixture(scope="module")
+def hf_pp() -> viz.Lowered:
+    return _hf_lower({"pp": 2, "tp": 2})
 
 
 # ====================================================================================== formats
@@ -316,3 +346,179 @@ def test_chromium_renders_the_page(which, request, tmp_path):
     width, height, raw = _png_pixels(shot.read_bytes())
     assert (width, height) == (1400, 1000)
     assert len(set(raw)) > 32, "the screenshot is blank"
+
+
+
+# ====================================================================================== Hugging Face models
+_MASK_OPS = {"arange", "cumsum", "unsqueeze", "expand", "eq", "le", "__and__", "new_ones", "cos", "sin"}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_hf_mask_and_position_ops_fold_into_one_box(family, hf_dp_tp):
+    low = hf_dp_tp if family == "llama" else _hf_lower({"dp": 2, "tp": 2}, "qwen2")
+    view = viz.build_view(low)
+    boxes = [v for v in view.nodes if v.kind == "folded" and v.op.startswith("attention mask & positions")]
+    assert len(boxes) == 1, [v.op for v in view.nodes if v.kind == "folded"]
+    box = boxes[0]
+    assert box.op == f"attention mask & positions ({len(box.members)} ops)" and len(box.members) >= 20
+    graph_ops = {n.name: n for n in low.graph.nodes}
+    assert any("arange" in str(graph_ops[m].target) for m in box.members)
+    assert any("cumsum" in str(graph_ops[m].target) or "cos" in str(graph_ops[m].target) for m in box.members)
+    assert not [v.id for v in view.nodes if "arange" in v.target], "no arange is drawn: it is in the box"
+    top = [v for v in view.nodes if v.kind == "compute" and (v.group is None or v.group == "s0:model")]
+    assert not [v.id for v in top if v.op in _MASK_OPS], "the top level shows the model, not its mask ops"
+    assert any(e.src == box.id for e in view.edges), "the box feeds the attention"
+    root = ET.fromstring(viz.render_svg(view))
+    ops = [t.text for t in root.iter(f"{SVG_NS}text") if t.get("class") == "op"]
+    assert box.op in ops
+    unfolded = viz.build_view(low, collapse=False)  # --no-fold draws every op
+    assert not [v for v in unfolded.nodes if v.kind == "folded"]
+    assert any("arange" in v.target for v in unfolded.nodes)
+    assert len(view.nodes) < len(unfolded.nodes) - 40
+
+
+def test_hf_inputs_are_named_by_their_arguments(hf_dp_tp):
+    view = viz.build_view(hf_dp_tp)
+    inputs = [v for v in view.nodes if v.kind == "input"]
+    assert [v.op for v in inputs] == ["input_ids", "labels"]
+    assert all(v.detail == "int64 [4,32]" for v in inputs)
+    svg = viz.render_svg(view)
+    root = ET.fromstring(svg)
+    ops = {t.text for t in root.iter(f"{SVG_NS}text") if t.get("class") == "op"}
+    assert {"input_ids", "labels"} <= ops and "placeholder" not in ops
+    assert "int64 input" not in svg
+    badges = [g for g in root.iter(f"{SVG_NS}g") if g.get("class") == "badge"]
+    assert len(badges) == 2, "each input carries the dp badge: data parallelism splits its dim 0"
+    assert all("dp S(0)" in "".join(g.itertext()) for g in badges)
+
+
+def test_hf_stage_labels_name_their_layers(hf_pp):
+    view = viz.build_view(hf_pp)
+    labels = [g.label for g in view.groups if g.kind == "stage"]
+    assert labels == ["stage 0 · pp rank 0 · model.layers.0", "stage 1 · pp rank 1 · model.layers.1"]
+    assert not any(re.search(r"(\d+)[–-]\1\b", label) for label in labels)
+    from autoshard.viz_view import _block_span
+
+    assert _block_span("model.layers", [0, 1, 2, 3, 4, 5, 6, 7]) == "model.layers.0–7"
+    page = viz.render_html(view)
+    assert page.count('data-stage="stage') == 2, "one button per stage scrolls it into view"
+
+
+def test_mesh_legend_names_every_dimension(hf_dp_tp, hf_pp):
+    page = viz.render_html(viz.build_view(hf_dp_tp))
+    legend = page[page.index('<section id="mesh">'):page.index("</section>", page.index('<section id="mesh">'))]
+    assert re.findall(r'data-dim="(\w+)"', legend) == ["dp", "tp"]
+    assert ">dp=2<" in legend and ">tp=2<" in legend and "Mesh · 4 ranks" in legend
+    assert "dim 0 of every input (input_ids [4,32], labels [4,32] per rank)" in legend
+    assert viz.MESH_COLOURS["dp"] in legend and viz.MESH_COLOURS["tp"] in legend
+    page = viz.render_html(viz.build_view(hf_pp))
+    legend = page[page.index('<section id="mesh">'):page.index("</section>", page.index('<section id="mesh">'))]
+    assert re.findall(r'data-dim="(\w+)"', legend) == ["dp", "tp", "pp"]
+    assert 'class="dim off" data-dim="dp"' in legend and "no data parallelism" in legend
+
+
+def test_table_cells_break_only_between_words(hf_dp_tp):
+    from autoshard.viz_page import _STYLE_PAGE, _cell
+
+    assert "anywhere" not in _STYLE_PAGE and "break-all" not in _STYLE_PAGE
+    assert "word-break:keep-all" in _STYLE_PAGE and "overflow-wrap:normal" in _STYLE_PAGE
+    assert _cell("model.layers.0.post_attention_layernorm") == \
+        "model.<wbr>layers.<wbr>0.<wbr>post_<wbr>attention_<wbr>layernorm"
+    assert _cell("all_reduce") == "all_reduce", "short words stay whole"
+    hostile = _cell("<b>x</b>.<i>y_long_name</i>")
+    assert "<b>" not in hostile and "<i>" not in hostile and "&lt;b&gt;" in hostile, "escaped before <wbr> is added"
+    assert hostile.replace("<wbr>", "") == "&lt;b&gt;x&lt;/b&gt;.&lt;i&gt;y_long_name&lt;/i&gt;"
+
+
+def test_hf_step_timeline_and_memory_over_time(hf_dp_tp, monkeypatch):
+    low = hf_dp_tp
+    import autoshard.viz_graph as vg
+
+    def no_second_lowering(*a, **k):
+        raise AssertionError("the step is read from the lowered graph, not lowered again")
+
+    monkeypatch.setattr(vg, "capture", no_second_lowering)
+    monkeypatch.setattr(vg, "autoshard", no_second_lowering)
+    step = viz.step_timeline(low)
+    ev = step["events"]
+    assert {e["phase"] for e in ev} == {"forward", "backward", "optimizer"}
+    counts = viz.collective_counts(low)
+    tp = [e for e in ev if e["kind"] == "tp"]
+    assert len(tp) == counts["all_reduce"] + counts["all_gather"] + counts["reduce_grad"]
+    dp = [e for e in ev if e["kind"] == "dp"]
+    assert dp and all(e["stream"] == "comm" and e["phase"] == "backward" for e in dp)
+    opt = next(e for e in ev if e["kind"] == "optimizer")
+    assert opt["start"] >= max(e["stop"] for e in dp), "the optimizer waits for the gradients"
+    fwd_end = max(e["stop"] for e in ev if e["phase"] == "forward")
+    assert min(e["start"] for e in ev if e["phase"] == "backward") >= fwd_end - 1e-12
+    assert 0 <= step["hidden_comm_s"] <= step["comm_s"] and step["makespan"] >= step["compute_s"]
+    compute = sorted((e["start"], e["stop"]) for e in ev if e["stream"] == "compute")
+    assert all(b[0] >= a[1] - 1e-12 for a, b in zip(compute, compute[1:])), "one compute stream"
+    mem = step["memory"]
+    plan_mem = low.plan.memory
+    assert max(p["activations"] for p in mem["points"]) == pytest.approx(plan_mem["activations"])
+    assert mem["points"][-1]["grads"] == pytest.approx(plan_mem["grads"])
+    assert mem["points"][-1]["activations"] == pytest.approx(0, abs=1e-6), "backward releases the activations"
+    assert mem["predicted_peak_bytes"] == low.sm.predicted_peak_bytes()["device"]
+    assert mem["peak_bytes"] <= mem["predicted_peak_bytes"] + 1
+    page = viz.render_html(viz.build_view(low))
+    assert 'id="step"' in page and 'id="memory-time"' in page
+    assert page.count('class="ev ev-tp"') == len(tp) and 'class="ev ev-dp"' in page
+    assert 'class="term term-activations"' in page and "plan's predicted peak" in page
+    doc = json.loads(viz.render_json(viz.build_view(low)))
+    assert doc["step"]["events"] and doc["step"]["memory"]["points"]
+
+
+_PROBE = """<script>
+(function(){
+  var out={innerHeight:innerHeight,innerWidth:innerWidth};
+  var box=document.querySelector('#graph .scroll'),cs=getComputedStyle(box),br=box.getBoundingClientRect();
+  out.overflowX=cs.overflowX;out.scrollWidth=box.scrollWidth;out.clientWidth=box.clientWidth;
+  out.box={top:br.top,bottom:br.bottom,left:br.left,right:br.right};
+  out.stages=[].map.call(document.querySelectorAll('#graph g.g-stage > rect'),function(r){
+    var b=r.getBoundingClientRect();return {left:b.left,right:b.right,top:b.top};});
+  out.broken=[];
+  document.querySelectorAll('td,th').forEach(function(c){
+    var w=document.createTreeWalker(c,NodeFilter.SHOW_TEXT),t;
+    while((t=w.nextNode())){var re=/\\S+/g,m;while((m=re.exec(t.data))){
+      var r=document.createRange();r.setStart(t,m.index);r.setEnd(t,m.index+m[0].length);
+      var tops={};[].forEach.call(r.getClientRects(),function(x){tops[Math.round(x.top)]=1;});
+      if(Object.keys(tops).length>1)out.broken.push(m[0]);}}});
+  out.folded=[].map.call(document.querySelectorAll('#graph g.k-folded'),function(g){
+    var b=g.getBoundingClientRect();return {top:b.top,bottom:b.bottom};});
+  out.legend=[].map.call(document.querySelectorAll('#mesh .dim'),function(d){return d.getAttribute('data-dim');});
+  var pre=document.createElement('pre');pre.id='probe';pre.textContent=JSON.stringify(out);document.body.appendChild(pre);
+})();
+</script>"""
+
+
+@pytest.mark.parametrize("which", ["hf_dp_tp", "hf_pp"])
+def test_chromium_renders_a_hugging_face_model(which, request, tmp_path):
+    """The HF pages in a real browser: geometry read back by a probe script, then a screenshot."""
+    low = request.getfixturevalue(which)
+    html = viz.render_html(viz.build_view(low))
+    page = tmp_path / f"{which}.html"
+    page.write_text(html.replace("</body>", _PROBE + "</body>"), encoding="utf-8")
+    dom = _browser(page, tmp_path, "--dump-dom")
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    m = re.search(r'<pre id="probe">(.*?)</pre>', dom.stdout, re.S)
+    assert m, "the probe did not run"
+    probe = json.loads(m.group(1).replace("&quot;", '"').replace("&amp;", "&"))
+    assert probe["broken"] == [], "table cells break inside words"
+    assert probe["overflowX"] in ("auto", "scroll"), "the graph scrolls sideways"
+    assert probe["box"]["bottom"] <= probe["innerHeight"] + 1, "its horizontal scroll bar is on the first screen"
+    assert probe["folded"] and probe["folded"][0]["top"] < probe["innerHeight"], "the folded box is on screen"
+    if which == "hf_pp":
+        assert probe["legend"] == ["dp", "tp", "pp"]
+        (a, b) = probe["stages"]
+        assert abs(a["top"] - b["top"]) < 1 and a["right"] <= b["left"], "stages side by side"
+        wide = probe["scrollWidth"] > probe["clientWidth"]
+        assert not wide or b["left"] < probe["box"]["right"] or probe["overflowX"] in ("auto", "scroll")
+    else:
+        assert probe["legend"] == ["dp", "tp"]
+        assert "input_ids" in dom.stdout and "attention mask &amp; positions" in dom.stdout
+    shot = tmp_path / "shot.png"
+    proc = _browser(page, tmp_path, f"--screenshot={shot}")
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    width, height, raw = _png_pixels(shot.read_bytes())
+    assert (width, height) == (1400, 1000) and len(set(raw)) > 32
