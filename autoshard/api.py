@@ -301,7 +301,8 @@ class ShardedModule(torch.nn.Module):
             self._joint_reason = "mixture-of-experts layers run through the interpreted MoE runtime"
         if self._joint_reason is None:
             self._fuse = False  # Inductor generates the step's kernels
-            self._use_zero = False  # the step program keeps masters, skips non-finite steps and clips itself
+            # the step program keeps masters, skips non-finite steps and clips itself; ZeRO 1-2 lay out its buckets
+            self._use_zero = zero > 0
         self._fusions: dict = {}  # [kernels] the fusion report of the first program, for the plan
         self._attention, self._attention_report = _parse_attention(attention), {}  # [comm] block-sparse attention
 
@@ -452,6 +453,10 @@ class ShardedModule(torch.nn.Module):
         self._check_fingerprints()
         if self._zero is not None:
             self.optimizer = self._zero.optimizer  # over this rank's fp32 master slices
+            if self._joint_reason is None:  # [compiler] ZeRO 1-2 buckets, the step run as one program over them
+                from autoshard.passes.compile import make_zero_state
+
+                self._joint = make_zero_state(self._zero, mesh.device)
         elif self._joint_reason is None:  # [compiler] the user's optimizer over fp32 masters, states in the program
             from autoshard.passes.compile import make_state
 
@@ -488,11 +493,14 @@ class ShardedModule(torch.nn.Module):
             dp, tp = self.mesh.group("dp"), self.mesh.group("tp")
             weight = {n: 1.0 if parse_placement(lay.placement).is_shard() else 1.0 / tp.size
                       for n, lay in self._tp_plan.layouts.items()}
+            norm_group = tp.group.group_name if tp.size > 1 else None
+            if self._zero is not None and self.mesh.world_size > 1:  # ZeRO weights each element: sum over every rank
+                norm_group = dist.group.WORLD.group_name
             prog, report = compile_step(
                 fwd, self._loss, self._joint, args, kwargs, target,
                 dp_group=dp.group.group_name if dp.size > 1 else None, dp_size=dp.size,
                 buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device,
-                norm_group=tp.group.group_name if tp.size > 1 else None, norm_weight=weight)
+                norm_group=norm_group, norm_weight=weight)
             self._step_programs[key] = prog
             self._step_reports = report
             C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
@@ -1045,6 +1053,8 @@ class ShardedModule(torch.nn.Module):
             self._zero.load_full(state["params"], state["optim"], state["optim_scalars"])
             if state.get("loss_scaler") and self._zero.scaler is not None:
                 self._zero.scaler.load_state_dict(state["loss_scaler"])
+            if self._joint is not None:
+                self._joint.absorb()  # [compiler] the loaded states into the program's own tensors
         else:
             opt = self.optimizer
             for n, p in self._params.items():
@@ -1083,7 +1093,7 @@ class ShardedModule(torch.nn.Module):
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "pp_peak_inflight": self._last_inflight,
             "loss_scale": self._zero.loss_scale() if self._zero is not None else 1.0,
-            "grad_norm": self._zero.last_grad_norm if self._zero is not None else self._grad_norm,
+            "grad_norm": self._zero.last_grad_norm if self._zero is not None and self._joint is None else self._grad_norm,
             **self._offload_stats(),
             "steps": self._steps,
             "skipped_steps": self._skipped,
@@ -1208,7 +1218,7 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (optimizer is None, "no optimizer (forward only)"),
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
-        (zero != 0, f"ZeRO-{zero} gathers and reduce-scatters are not graph nodes yet"),
+        (zero == 3, "ZeRO-3 parameter gathers are not graph nodes yet"),
         (offload is not None, "offload runs on the host"),
         (precision not in ("fp32", "bf16"), f"precision={precision!r} (loss scaling) is not in the step program yet"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),

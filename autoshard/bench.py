@@ -638,7 +638,10 @@ def run_rank(cfg: BenchConfig) -> list[dict[str, Any]] | None:
             if cfg.profile:
                 rec["profile"] = profile_steps(step, device)
         except Exception as e:  # noqa: BLE001 - recorded, the next system still runs
+            import traceback
+
             rec["error"] = _short_error(e)
+            rec["traceback"] = "".join(traceback.format_exception(e))[-6000:]  # in the results file, for a report
         finally:
             if sm is not None:
                 sm.close()

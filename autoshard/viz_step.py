@@ -39,9 +39,9 @@ from autoshard.passes.cost_model import (
     BACKWARD_MATMUL,
     OPTIMIZER_BYTES_PLAIN,
     OPTIMIZER_BYTES_ZERO,
-    _node_bytes,
-    _node_flops,
     allreduce_seconds,
+    node_bytes,
+    node_flops,
 )
 from autoshard.passes.memory import VIEW_OPS
 from autoshard.passes.tensor_parallel import module_path
@@ -193,8 +193,8 @@ def step_timeline(low: Lowered, profile: str | HardwareProfile = DEFAULT_PROFILE
     def op_seconds(n: Node, backward: bool) -> float:
         if n.target in VIEW_OPS or n.target is operator.getitem:
             return 0.0
-        mm, att = _node_flops(n)
-        nb = 0.0 if (mm or att) else _node_bytes(n)
+        mm, att = node_flops(n)
+        nb = 0.0 if (mm or att) else node_bytes(n)
         if backward:
             mm, att, nb = mm * BACKWARD_MATMUL, att * BACKWARD_ATTENTION, nb * BACKWARD_BYTES
         dev = mm / rate + att / (rate * prof.attention_efficiency) + nb / (prof.memory_gbps * 1e9)

@@ -109,4 +109,22 @@ def capture(
         ) from e
     if not isinstance(gm, GraphModule):  # pragma: no cover - torch always returns one today
         raise CaptureError(f"torch.export returned {type(gm).__name__}, expected a GraphModule")
+    strip_metadata_asserts(gm)
     return gm
+
+
+def strip_metadata_asserts(gm: GraphModule) -> int:
+    """Remove ``aten._assert_tensor_metadata`` nodes (export records one per ``.to()`` call).
+
+    They check the device and dtype seen while exporting, written as the user wrote them: a model
+    that says ``.to("cuda")`` records ``cuda``, while its tensors live on ``cuda:0``. Fake-tensor
+    tracing of the joint graph compares the two strictly and fails; after capture the graph's dtypes
+    and devices are the plan's business, so the checks are dropped. Returns how many were removed.
+    """
+    doomed = [n for n in gm.graph.nodes
+              if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
+    for n in doomed:
+        gm.graph.erase_node(n)
+    if doomed:
+        gm.recompile()
+    return len(doomed)

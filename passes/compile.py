@@ -27,7 +27,16 @@ import torch
 from autoshard.runtime.program import StepProgram, cuda_graphs_enabled
 
 from .joint import LossModule, export_joint, rematerialize
-from .optimizer import OptimizerSpec, Reduction, Unsupported, build_step_graph, optimizer_spec
+from .optimizer import (
+    OptimizerSpec,
+    Reduction,
+    ShardedBucket,
+    Unsupported,
+    ZeroLayout,
+    build_step_graph,
+    build_zero_step_graph,
+    optimizer_spec,
+)
 
 
 @dataclass
@@ -44,6 +53,7 @@ class StepState:
     lrs: list[torch.Tensor]
     _lr_values: list[float] = field(default_factory=list)
     veto: torch.Tensor | None = None  # bool scalar: skip this step (the ranks disagree, runtime/guards.py)
+    zero: Any = None  # runtime.zero.ZeroOptimizer (stages 1-2): masters are its buckets' fp32 shards
 
     @property
     def separate_masters(self) -> bool:
@@ -116,6 +126,22 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
     return state
 
 
+def make_zero_state(zero: Any, device: torch.device) -> StepState:
+    """The program's view of a ZeRO stage 1-2 layout (runtime/zero.py): one master per bucket (this
+    rank's fp32 shard), the user's optimizer over them, zeroed states. Raises :class:`Unsupported`."""
+    masters = [b.master for b in zero.zbuckets]
+    opt = zero.optimizer
+    spec = optimizer_spec(opt, masters)
+    states = [[torch.zeros_like(m, dtype=torch.float32) for m in masters] for _ in spec.state_keys]
+    steps = [torch.zeros((), dtype=torch.float32, device=device) for _ in masters]
+    lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
+    state = StepState([f"bucket{i}" for i in range(len(masters))], list(masters), list(masters), opt, spec, states,
+                      steps, lrs, [float(g["lr"]) for g in opt.param_groups],
+                      torch.zeros((), dtype=torch.bool, device=device), zero=zero)
+    state.expose()
+    return state
+
+
 def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], state: StepState,
                  args: tuple, kwargs: dict, target: Any, *, dp_group: str | None, dp_size: int,
                  buckets: list[list[str]], grad_clip: float | None, device: torch.device,
@@ -136,6 +162,10 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
         joint, remat = rematerialize(joint)
     # tracing ran every forward and backward collective once: that is one step's traffic per group
     traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
+    if state.zero is not None:
+        gm, report, tensors, slots = _zero_step(joint, forward_graph, state, args, kwargs, target, dp_group=dp_group,
+                                                dp_size=dp_size, norm_group=norm_group, grad_clip=grad_clip)
+        return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint)
     ident = {id(p): i for i, p in enumerate(state.params)}
     order: list[int] = []
     for name in joint.params:
@@ -171,11 +201,51 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     trainable = [p.requires_grad for p in params]
     gm, layout, report = build_step_graph(joint, spec, separate_masters=separate, trainable=trainable,
                                           reduction=reduction, grad_clip=grad_clip, example=example)
+    return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint)
+
+
+def _lower(gm, report: dict[str, Any], tensors: list[Any], slots: list[int], device: torch.device,
+           compile: bool | None, remat: dict[str, Any], traced: dict[str, float], joint) -> tuple[StepProgram, dict[str, Any]]:
     compiled = device.type == "cuda" if compile is None else compile
     program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
-    report.update(remat=remat, traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes), compiled=compiled,
-                  cuda_graphs=program.cuda_graphs)
+    report.update(remat=remat, traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes),
+                  compiled=compiled, cuda_graphs=program.cuda_graphs)
     return program, report
 
 
-__all__ = ["StepState", "Unsupported", "compile_step", "make_state"]
+def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tuple, kwargs: dict, target: Any, *,
+               dp_group: str | None, dp_size: int, norm_group: str | None, grad_clip: float | None):
+    """The ZeRO stage 1-2 step graph over ``state.zero``'s buckets, and the program's tensors in its order."""
+    zero = state.zero
+    index = {name: i for i, name in enumerate(joint.params)}
+    buckets = []
+    for b in zero.zbuckets:
+        missing = [n for n in b.names if n not in index]
+        if missing:
+            raise Unsupported(f"ZeRO bucket parameters {missing[:3]} are not in this signature's joint graph")
+        weighted = b.grad_weight is not None
+        buckets.append(ShardedBucket([index[n] for n in b.names], list(b.offsets), b.padded, b.shard,
+                                     dp_group if b.parts > 1 else None, b.parts, zero.divisor, weighted,
+                                     b.norm_scale))
+    in_bucket = {i for bk in buckets for i in bk.members}
+    loose = [i for i in range(len(joint.params)) if i not in in_bucket]
+    layout = ZeroLayout(buckets, loose, len(joint.buffers), joint.num_inputs, state.spec.state_keys,
+                        len(state.spec.groups))
+    inputs = joint.flat_inputs(args, kwargs, target)
+    tensors: list[Any] = [b.flat for b in zero.zbuckets] + list(state.masters)
+    tensors += [b.grad_weight for b in zero.zbuckets if b.grad_weight is not None]
+    tensors += [forward_graph.get_parameter(joint.params[i]) for i in loose]
+    tensors += [forward_graph.get_buffer(b) for b in joint.buffers]
+    slots = list(range(len(tensors), len(tensors) + len(inputs)))
+    tensors += [None] * len(inputs)
+    tensors += [t for s in state.states for t in s] + list(state.steps) + list(state.lrs) + [state.veto]
+    example = list(tensors)
+    for s, x in zip(slots, inputs):
+        example[s] = x
+    gm, report = build_zero_step_graph(joint, state.spec, layout, loss_group=dp_group if dp_size > 1 else None,
+                                       loss_size=dp_size, norm_group=norm_group, grad_clip=grad_clip,
+                                       example=example)
+    return gm, report, tensors, slots
+
+
+__all__ = ["StepState", "Unsupported", "compile_step", "make_state", "make_zero_state"]

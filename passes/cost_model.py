@@ -247,7 +247,7 @@ def _nbytes(t: torch.Tensor) -> float:
     return float(t.numel() * t.element_size())
 
 
-def _node_flops(node: Node) -> tuple[float, float]:
+def node_flops(node: Node) -> tuple[float, float]:
     """(matmul FLOPs, attention FLOPs) of one forward node at its traced (global) shapes."""
     out = _val(node)
     if out is None:
@@ -271,7 +271,7 @@ def _node_flops(node: Node) -> tuple[float, float]:
     return 0.0, 0.0
 
 
-def _node_bytes(node: Node) -> float:
+def node_bytes(node: Node) -> float:
     """Bytes a memory-bound op reads and writes (its tensor inputs and outputs)."""
     total = 0.0
     for a in node.all_input_nodes:
@@ -538,14 +538,14 @@ def analyse(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
                 continue
             c = costs[r]
             sharded, partial = _placement_sharded(node)
-            mm, at = _node_flops(node)
+            mm, at = node_flops(node)
             split = tp if (sharded or partial) else 1
             c.matmul_flops += mm / split
             c.attention_flops += at / split
             if target == aten.topk.default and len(node.args) > 1:
                 top_k = max(top_k, int(node.args[1]))
             if not (mm or at):
-                c.ew_bytes += _node_bytes(node) / (tp if sharded else 1)
+                c.ew_bytes += node_bytes(node) / (tp if sharded else 1)
             c.ops += 1
             v = _val(node)
             if v is not None and v.is_floating_point():

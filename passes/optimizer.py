@@ -23,6 +23,8 @@ the step runs on the interpreted executor.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,9 +124,6 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
     copy of the joint graph, whose outputs feed it: the joint graph is not traced a second time.
     Returns the step graph, its input layout and a report (collectives, bytes per step).
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.fx.experimental.proxy_tensor import make_fx
-
     n = len(joint.params)
     joint_out = next(nd for nd in joint.gm.graph.nodes if nd.op == "output").args[0]
     # a parameter no gradient reaches (unused in this signature's graph) gets no update, as in torch.optim
@@ -162,53 +161,226 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
         sumsq = (torch.stack([g.pow(2).sum() * w[i] if w[i] != 1.0 else g.pow(2).sum() for i, g in live]).sum()
                  if live else torch.zeros((), device=loss.device))
         if reduction.norm_group is not None:
-            from torch.distributed import _functional_collectives as funcol
-
-            sumsq = funcol.wait_tensor(funcol.all_reduce(sumsq.reshape(1), "sum", reduction.norm_group)).reshape(())
-        found = torch.logical_not(torch.isfinite(loss) & torch.isfinite(sumsq)) | veto
-        if grad_clip is not None:
-            coef = torch.clamp(grad_clip / (sumsq.sqrt() + 1e-6), max=1.0)
-            grads = [g * coef if g is not None else None for g in grads]
+            sumsq = _all_reduce_sum(sumsq, reduction.norm_group)
+        found, coef = _verdict(loss, sumsq, veto, grad_clip)
         for i in range(n):
             g = grads[i]
             if g is None:
                 continue
-            hp = spec.groups[spec.group_of[i]]
-            st = [s[i] for s in states]
-            new_p, new_st, new_step = _update(spec.kind, hp, masters[i], g, st, steps[i], lrs[spec.group_of[i]])
-            for old, new in [(masters[i], new_p), *zip(st, new_st), (steps[i], new_step)]:
-                old.copy_(torch.where(found, old, new.to(old.dtype)))
+            g = g * coef if coef is not None else g
+            gi = spec.group_of[i]
+            _apply(found, spec, gi, masters[i], g, [s[i] for s in states], steps[i], lrs[gi])
             if separate_masters:
                 params[i].copy_(masters[i].to(params[i].dtype))
         return torch.stack([loss, found.float(), sumsq.sqrt()])
 
     wanted = [joint_out[0]] + [joint_out[1 + joint.grads[i]] for i in present]
+    masters = layout.num_params if layout.separate_masters else 0
+    first_buffer = layout.num_params + masters
+
+    def primals(graph: torch.fx.Graph, ph: list[torch.fx.Node]) -> list[torch.fx.Node]:
+        return ph[:layout.num_params] + ph[first_buffer:first_buffer + layout.num_buffers + layout.num_inputs]
+
+    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted)
+    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout)}
+    return gm, layout, report
+
+
+@dataclass
+class ShardedBucket:
+    """One ZeRO bucket (runtime/zero.py lays it out) as the step graph sees it.
+
+    The bucket's parameters are views of one flat compute buffer (an input of the graph); this rank
+    owns slice ``part`` (``shard`` elements) of it as an fp32 master, with the optimizer's states.
+    """
+
+    members: list[int]  # joint-graph parameter indices, in flat order
+    offsets: list[int]
+    padded: int  # flat length: a multiple of ``size``
+    shard: int
+    group_name: str | None  # c10d name of the ranks sharing the bucket; None: one rank
+    size: int
+    divisor: int  # gradients are summed over the group and divided by this
+    weighted: bool  # a per-element norm weight (1/replication) is a graph input
+    norm_scale: float = 1.0  # otherwise every element's weight
+
+    def reduce_bytes(self, flat_itemsize: int) -> float:
+        """Bytes this rank sends per step: the gradient reduce-scatter (fp32) and the parameter all-gather."""
+        if self.group_name is None or self.size <= 1:
+            return 0.0
+        return (self.size - 1) / self.size * self.padded * (4 + flat_itemsize)
+
+
+@dataclass
+class ZeroLayout:
+    """The order of a ZeRO step graph's flat inputs::
+
+        flats, masters, norm weights (weighted buckets), loose parameters (in no bucket), buffers,
+        inputs, states (per key, per bucket), step counters (per bucket), learning rates, veto
+    """
+
+    buckets: list[ShardedBucket]
+    loose: list[int]  # joint-graph parameter indices passed as themselves (not trainable: in no bucket)
+    num_buffers: int
+    num_inputs: int
+    state_keys: tuple[str, ...]
+    num_groups: int
+
+    def count(self) -> int:
+        nb = len(self.buckets)
+        weights = sum(b.weighted for b in self.buckets)
+        return (2 * nb + weights + len(self.loose) + self.num_buffers + self.num_inputs
+                + nb * (len(self.state_keys) + 1) + self.num_groups + 1)
+
+    def first_input(self) -> int:
+        """Index of the first user input (the runtime puts the batch there)."""
+        nb = len(self.buckets)
+        return 2 * nb + sum(b.weighted for b in self.buckets) + len(self.loose) + self.num_buffers
+
+
+def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLayout, *,
+                          loss_group: str | None, loss_size: int, norm_group: str | None,
+                          grad_clip: float | None, example: list[Any]) -> tuple[GraphModule, dict[str, Any]]:
+    """The step graph of ZeRO stages 1 and 2: gradients reduce-scattered into fp32 shards, the update on
+    this rank's shard of each bucket, the updated shards all-gathered into the flat compute buffers.
+
+    Inside one program the stages coincide: a gradient lives only as long as the graph needs it, so
+    stage 1 holds no more gradient memory than stage 2 (both reduce-scatter). ``spec`` has one entry per
+    bucket (the user's optimizer is built over the buckets' masters). Returns the graph and a report.
+    """
+    count = layout.count()
+    if len(example) != count:
+        raise ValueError(f"step graph: {len(example)} example inputs, the layout needs {count}")
+    joint_out = next(nd for nd in joint.gm.graph.nodes if nd.op == "output").args[0]
+    present = [i for i, g in enumerate(joint.grads) if g is not None and joint_out[1 + g] is not None]
+    nb = len(layout.buckets)
+    shapes: dict[int, tuple[int, ...]] = {}
+    for nd, v in zip([n for n in joint.gm.graph.nodes if n.op == "placeholder"], range(len(joint.params))):
+        shapes[v] = tuple(nd.meta["val"].shape)
+
+    def tail(*flat):
+        with torch.no_grad():
+            return _tail(*flat)
+
+    def _tail(*flat):
+        it = iter(flat[:count])
+        flats = [next(it) for _ in range(nb)]
+        masters = [next(it) for _ in range(nb)]
+        weights = [next(it) if b.weighted else None for b in layout.buckets]
+        for _ in range(len(layout.loose) + layout.num_buffers + layout.num_inputs):
+            next(it)
+        states = [[next(it) for _ in range(nb)] for _ in layout.state_keys]
+        steps = [next(it) for _ in range(nb)]
+        lrs = [next(it) for _ in range(layout.num_groups)]
+        veto = next(it)
+        loss = flat[count].float()
+        grads = {i: flat[count + 1 + k] for k, i in enumerate(present)}
+        shards = [_reduce_scatter(b, grads, shapes, loss.device) for b in layout.buckets]
+        if loss_group is not None and loss_size > 1:
+            loss = _all_reduce_sum(loss, loss_group) / loss_size
+        parts = [(s.pow(2) * w).sum() if w is not None else s.pow(2).sum() * b.norm_scale
+                 for b, s, w in zip(layout.buckets, shards, weights)]
+        sumsq = torch.stack(parts).sum() if parts else torch.zeros((), device=loss.device)
+        if norm_group is not None:
+            sumsq = _all_reduce_sum(sumsq, norm_group)
+        found, coef = _verdict(loss, sumsq, veto, grad_clip)
+        for j, b in enumerate(layout.buckets):
+            g = shards[j] * coef if coef is not None else shards[j]
+            gi = spec.group_of[j]
+            _apply(found, spec, gi, masters[j], g, [s[j] for s in states], steps[j], lrs[gi])
+            flats[j].copy_(_all_gather(b, masters[j].to(flats[j].dtype)))
+        return torch.stack([loss, found.float(), sumsq.sqrt()])
+
+    wanted = [joint_out[0]] + [joint_out[1 + joint.grads[i]] for i in present]
+    where: dict[int, tuple[int, int]] = {}
+    for j, b in enumerate(layout.buckets):
+        for i, off in zip(b.members, b.offsets):
+            where[i] = (j, off)
+    weights = sum(b.weighted for b in layout.buckets)
+
+    def primals(graph: torch.fx.Graph, ph: list[torch.fx.Node]) -> list[torch.fx.Node]:
+        out: list[torch.fx.Node] = []
+        loose = iter(ph[2 * nb + weights:2 * nb + weights + len(layout.loose)])
+        for i in range(len(joint.params)):
+            if i not in where:
+                out.append(next(loose))
+                continue
+            j, off = where[i]
+            k = math.prod(shapes[i])
+            piece = graph.call_function(torch.ops.aten.slice.Tensor, (ph[j], 0, off, off + k))
+            out.append(graph.call_function(torch.ops.aten.view.default, (piece, list(shapes[i]))))
+            base = ph[j].meta.get("val")
+            if base is not None:
+                piece.meta["val"] = base[off:off + k]
+                out[-1].meta["val"] = piece.meta["val"].view(shapes[i])
+        start = layout.first_input() - layout.num_buffers
+        return out + ph[start:start + layout.num_buffers + layout.num_inputs]
+
+    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted)
+    reduce = sum(b.reduce_bytes(example[j].element_size()) for j, b in enumerate(layout.buckets))
+    if loss_group is not None and loss_size > 1:
+        reduce += 2 * (loss_size - 1) / loss_size * 4
+    return gm, {"collectives": _collectives(gm), "reduce_bytes": reduce}
+
+
+def _reduce_scatter(b: ShardedBucket, grads: dict[int, torch.Tensor], shapes: dict[int, tuple[int, ...]],
+                    device: torch.device) -> torch.Tensor:
+    """This rank's fp32 shard of the bucket's gradient, summed over its group and divided (a graph node)."""
+    pieces = []
+    for i in b.members:
+        g = grads.get(i)
+        k = math.prod(shapes[i])
+        pieces.append(g.reshape(-1).float() if g is not None else torch.zeros(k, device=device))
+    numel = sum(p.numel() for p in pieces)
+    if b.padded > numel:
+        pieces.append(torch.zeros(b.padded - numel, device=device))
+    flat = torch.cat(pieces)
+    if b.divisor != 1:
+        flat = flat / b.divisor
+    if b.group_name is None or b.size <= 1:
+        return flat
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.reduce_scatter_tensor(flat, "sum", b.size, b.group_name))
+
+
+def _all_gather(b: ShardedBucket, shard: torch.Tensor) -> torch.Tensor:
+    """Every rank's updated shard, concatenated: the bucket's new flat compute buffer (a graph node)."""
+    if b.group_name is None or b.size <= 1:
+        return shard
+    ops = torch.ops._c10d_functional
+    return ops.wait_tensor(ops.all_gather_into_tensor(shard.contiguous(), b.size, b.group_name))
+
+
+def _trace_tail(tail: Callable[..., torch.Tensor], example: list[Any], wanted: list[torch.fx.Node]) -> GraphModule:
+    """``make_fx`` of ``tail(*example, *wanted)`` over fake tensors (``wanted``: joint-graph nodes it reads)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     fakes = [fake_mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in example]
     with fake_mode:
         extra = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
                  for v in (w.meta["val"] for w in wanted)]
-    tail_gm = make_fx(tail, tracing_mode="fake")(*fakes, *extra)
-    gm = _splice(joint, tail_gm, layout, wanted)
-    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout)}
-    return gm, layout, report
+    return make_fx(tail, tracing_mode="fake")(*fakes, *extra)
 
 
-def _splice(joint: JointGraph, tail: GraphModule, layout: StepLayout, wanted: list[torch.fx.Node]) -> GraphModule:
-    """One graph: a copy of the joint graph, then the tail fed by the joint graph's loss and gradients."""
+def _splice(joint: JointGraph, tail: GraphModule, count: int,
+            primals: Callable[[torch.fx.Graph, list[torch.fx.Node]], list[torch.fx.Node]],
+            wanted: list[torch.fx.Node]) -> GraphModule:
+    """One graph: a copy of the joint graph, then the tail fed by the joint graph's loss and gradients.
+
+    The step graph's placeholders are the tail's first ``count``; ``primals`` gives the nodes that
+    take the joint graph's placeholders' places (inputs themselves, or views of them).
+    """
     graph = torch.fx.Graph()
     root = torch.nn.Module()
     tail_ph = [nd for nd in tail.graph.nodes if nd.op == "placeholder"]
-    count = layout.count()
     step_ph = [graph.placeholder(p.name) for p in tail_ph[:count]]
     for p, q in zip(step_ph, tail_ph):
         p.meta = dict(q.meta)
-    masters = layout.num_params if layout.separate_masters else 0
-    first_buffer = layout.num_params + masters
-    primals = step_ph[:layout.num_params] + step_ph[first_buffer:first_buffer + layout.num_buffers + layout.num_inputs]
     env: dict[torch.fx.Node, Any] = {}
     jph = [nd for nd in joint.gm.graph.nodes if nd.op == "placeholder"]
-    for nd, p in zip(jph, primals):
+    for nd, p in zip(jph, primals(graph, step_ph)):
         env[nd] = p
     loss_val = wanted[0].meta["val"]
     tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
@@ -222,6 +394,29 @@ def _splice(joint: JointGraph, tail: GraphModule, layout: StepLayout, wanted: li
     graph.output(tenv[result])
     graph.lint()
     return GraphModule(root, graph)
+
+
+def _all_reduce_sum(x: torch.Tensor, group: str) -> torch.Tensor:
+    """A scalar summed over ``group`` (a functional collective: a graph node)."""
+    from torch.distributed import _functional_collectives as funcol
+
+    return funcol.wait_tensor(funcol.all_reduce(x.reshape(1), "sum", group)).reshape(())
+
+
+def _verdict(loss: torch.Tensor, sumsq: torch.Tensor, veto: torch.Tensor,
+             grad_clip: float | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``found`` (skip this step: a non-finite loss or gradient, or the ranks' veto) and the clip factor."""
+    found = torch.logical_not(torch.isfinite(loss) & torch.isfinite(sumsq)) | veto
+    coef = torch.clamp(grad_clip / (sumsq.sqrt() + 1e-6), max=1.0) if grad_clip is not None else None
+    return found, coef
+
+
+def _apply(found: torch.Tensor, spec: OptimizerSpec, group: int, master: torch.Tensor, g: torch.Tensor,
+           states: list[torch.Tensor], step: torch.Tensor, lr: torch.Tensor) -> None:
+    """One tensor's update, written in place unless ``found`` (then every value stays as it was)."""
+    new_p, new_st, new_step = _update(spec.kind, spec.groups[group], master, g, states, step, lr)
+    for old, new in [(master, new_p), *zip(states, new_st), (step, new_step)]:
+        old.copy_(torch.where(found, old, new.to(old.dtype)))
 
 
 def _all_reduce_mean(grads, loss, reduction: Reduction):

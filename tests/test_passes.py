@@ -66,6 +66,20 @@ def gpt_rewritten(gpt):
     return gm, collectives, plan
 
 
+def test_capture_drops_export_metadata_asserts():
+    """export records a device/dtype assert per ``.to()`` (Hugging Face Llama has a dozen), as written by
+    the user (``cuda``, not ``cuda:0``): the joint graph's fake tracing would compare them strictly."""
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 128, (2, 8))
+    exported = torch.export.export(model, (ids,), strict=False).module()
+    assert any(n.target is aten._assert_tensor_metadata.default for n in exported.graph.nodes)
+    gm = capture(model, (ids,))
+    assert not any(n.target is aten._assert_tensor_metadata.default for n in gm.graph.nodes)
+    torch.testing.assert_close(gm(ids).logits, model(ids).logits)  # the graph still computes what the model does
+
+
 def test_capture_returns_graph_sharing_the_model_parameters(gpt):
     model, x = gpt
     gm = capture(model, (x,))

@@ -35,12 +35,14 @@ def _collective_signature(sm) -> list[str]:
 def _worker(case: str) -> dict:
     """One case on every rank of a 2-rank launch; returns this rank's result."""
     mesh = autoshard.Mesh(**({"dp": 2} if case.startswith("dp") else {"tp": 2}))
-    kind = "llama" if case == "dp-clip" else "gpt"
+    kind = "gpt" if case == "tp-sched" else "llama"
     per = 8 // mesh.data_size
     lo = mesh.data_rank * per
     inp0, _, loss_fn = inputs(kind, batch(0)[lo:lo + per])
-    opts = {"grad_clip": 0.05} if case == "dp-clip" else {}
-    opt = "adamw" if case == "dp-clip" else "sgd"
+    opts = {"grad_clip": 0.05} if case.startswith("dp") else {}
+    if case == "dp-zero2":
+        opts["zero"] = 2
+    opt = "sgd" if case == "tp-sched" else "adamw"
     sm = autoshard.autoshard(make_model(kind), mesh, example_inputs=inp0, loss_fn=loss_fn,
                              optimizer=make_optimizer(opt), **opts)
     sched = torch.optim.lr_scheduler.StepLR(sm.optimizer, step_size=2, gamma=0.5) if case == "tp-sched" else None
@@ -58,7 +60,7 @@ def _run(cases):
     return [_worker(c) for c in cases]
 
 
-CASES = ["dp-clip", "tp-sched"]
+CASES = ["dp-clip", "tp-sched", "dp-zero2"]
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +94,18 @@ def test_dp_with_clipping_matches_the_unmodified_model(world2):
 
 
 @pytest.mark.slow
+def test_zero2_shards_the_update_inside_the_program(world2):
+    """ZeRO-2 on the step program: gradients reduce-scattered, the update on each rank's shard, the
+    updated shards all-gathered: graph nodes, and the result is the unmodified model's."""
+    r0, r1 = world2["dp-zero2"]
+    assert r0["executor"] == r1["executor"] == "step-program"
+    check(r0, reference("llama", "adamw", grad_clip=0.05), "adamw")
+    ops = " ".join(r0["collectives"])
+    assert "reduce_scatter_tensor" in ops and "all_gather_into_tensor" in ops
+    assert r0["stats"]["grad_norm"] > 0.05  # clipping was active
+
+
+@pytest.mark.slow
 def test_lr_scheduler_drives_the_program(world2):
     r0, _ = world2["tp-sched"]
     assert r0["executor"] == "step-program"
@@ -106,7 +120,7 @@ def test_every_rank_issues_the_same_collectives_in_the_same_order(world2, case):
     a, b = world2[case]
     assert a["collectives"], "the step graph should hold the plan's collectives"
     assert a["collectives"] == b["collectives"]
-    if case == "dp-clip":
+    if case.startswith("dp"):
         assert any("all_reduce" in c for c in a["collectives"])
     else:
         assert any("all_gather" in c for c in a["collectives"]) or any("all_reduce" in c for c in a["collectives"])
@@ -120,9 +134,9 @@ def _single(kind="gpt", opt="sgd", **options):
 
 
 def test_plans_it_cannot_run_say_why():
-    sm = _single(zero=1)
+    sm = _single(zero=3)
     assert sm.executor == "interpreted"
-    assert any("executor: interpreted" in n and "ZeRO-1" in n for n in sm.plan.notes)
+    assert any("executor: interpreted" in n and "ZeRO-3" in n for n in sm.plan.notes)
     inp, _, loss_fn = inputs("gpt", batch(0))
     sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
                              optimizer=lambda ps: torch.optim.Adagrad(ps, lr=0.1))
