@@ -514,12 +514,14 @@ class ShardedModule(torch.nn.Module):
         if problem is not None:
             raise problem  # no update was applied (the veto), on every rank
         stepped = not found
+        self._joint.after_step(bool(found))  # fp16: the loss scaler (raises LossScaleError at its minimum)
         if self._step_reports.get("reduce_bytes"):
             C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
         for group_key, nbytes in self._step_reports.get("traced_bytes", {}).items():
             C.count_bytes(group_key, nbytes)  # the forward and backward collectives of one step, counted when traced
         self._count_comm()
-        if not stepped:
+        overflow = self._joint.scaler is not None and math.isfinite(loss)  # fp16: the scaler's business
+        if not stepped and not overflow:
             warnings.warn(f"step {self._steps}: loss {loss} or a gradient is not finite; optimizer step skipped "
                           "on every rank", stacklevel=3)
         self._skipped += not stepped
@@ -1026,7 +1028,7 @@ class ShardedModule(torch.nn.Module):
                 optim[n] = {k: self._gather_experts(n, v.to(self.mesh.device), shape).cpu() for k, v in optim[n].items()}
         return {
             "params": params, "optim": optim, "optim_scalars": scalars,
-            "loss_scaler": self._zero.scaler.state_dict() if self._zero is not None and self._zero.scaler else None,
+            "loss_scaler": self._scaler().state_dict() if self._scaler() is not None else None,
             "step": self._steps, "skipped": self._skipped,
             "rng": {"cpu": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state() if self.mesh.device.type == "cuda" else None},
@@ -1051,8 +1053,6 @@ class ShardedModule(torch.nn.Module):
                                  f"{tuple(p.shape)}")
         if self._zero is not None:
             self._zero.load_full(state["params"], state["optim"], state["optim_scalars"])
-            if state.get("loss_scaler") and self._zero.scaler is not None:
-                self._zero.scaler.load_state_dict(state["loss_scaler"])
             if self._joint is not None:
                 self._joint.absorb()  # [compiler] the loaded states into the program's own tensors
         else:
@@ -1069,6 +1069,10 @@ class ShardedModule(torch.nn.Module):
                     opt.state[p] = st
             if self._joint is not None:
                 self._joint.absorb()  # the loaded states into the program's own tensors
+        if state.get("loss_scaler") and self._scaler() is not None:
+            self._scaler().load_state_dict(state["loss_scaler"])
+            if self._joint is not None:
+                self._joint.sync_scale()
         self._steps = int(state.get("step", 0))
         self._skipped = int(state.get("skipped", 0))
         rng = state.get("rng") or {}
@@ -1076,6 +1080,12 @@ class ShardedModule(torch.nn.Module):
             torch.set_rng_state(rng["cpu"])
         if rng.get("cuda") is not None and self.mesh.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"])
+
+    def _scaler(self) -> Any:
+        """fp16's dynamic loss scaler (``None`` in other precisions), whichever executor holds it."""
+        if self._joint is not None:
+            return self._joint.scaler
+        return self._zero.scaler if self._zero is not None else None
 
     def _owns(self, stage: int, name: str) -> bool:
         split_params = self._stage_params_names
@@ -1092,7 +1102,7 @@ class ShardedModule(torch.nn.Module):
             "dp_comm_bytes": self._last_comm.get("dp", 0.0),
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "pp_peak_inflight": self._last_inflight,
-            "loss_scale": self._zero.loss_scale() if self._zero is not None else 1.0,
+            "loss_scale": self._scaler().scale if self._scaler() is not None else 1.0,
             "grad_norm": self._zero.last_grad_norm if self._zero is not None and self._joint is None else self._grad_norm,
             **self._offload_stats(),
             "steps": self._steps,
@@ -1220,7 +1230,6 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
         (zero == 3, "ZeRO-3 parameter gathers are not graph nodes yet"),
         (offload is not None, "offload runs on the host"),
-        (precision not in ("fp32", "bf16"), f"precision={precision!r} (loss scaling) is not in the step program yet"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
         (attention is not None, "block-sparse attention kernels are not custom ops yet"),
         (checkpointing is not None, "activation checkpointing is not applied to the joint graph yet"),

@@ -119,12 +119,19 @@ def strip_metadata_asserts(gm: GraphModule) -> int:
     They check the device and dtype seen while exporting, written as the user wrote them: a model
     that says ``.to("cuda")`` records ``cuda``, while its tensors live on ``cuda:0``. Fake-tensor
     tracing of the joint graph compares the two strictly and fails; after capture the graph's dtypes
-    and devices are the plan's business, so the checks are dropped. Returns how many were removed.
+    and devices are the plan's business, so the checks are dropped, in the subgraphs of higher-order
+    ops too (Hugging Face's rotary embedding runs under ``autocast(enabled=False)``, which export
+    keeps as a ``wrap_with_autocast`` submodule). Returns how many were removed.
     """
-    doomed = [n for n in gm.graph.nodes
-              if n.op == "call_function" and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
-    for n in doomed:
-        gm.graph.erase_node(n)
-    if doomed:
-        gm.recompile()
-    return len(doomed)
+    removed = 0
+    for mod in gm.modules():
+        if not isinstance(mod, GraphModule):
+            continue
+        doomed = [n for n in mod.graph.nodes if n.op == "call_function"
+                  and n.target is torch.ops.aten._assert_tensor_metadata.default and not n.users]
+        for n in doomed:
+            mod.graph.erase_node(n)
+        if doomed:
+            mod.recompile()
+            removed += len(doomed)
+    return removed

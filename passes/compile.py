@@ -54,6 +54,8 @@ class StepState:
     _lr_values: list[float] = field(default_factory=list)
     veto: torch.Tensor | None = None  # bool scalar: skip this step (the ranks disagree, runtime/guards.py)
     zero: Any = None  # runtime.zero.ZeroOptimizer (stages 1-2): masters are its buckets' fp32 shards
+    scaler: Any = None  # fp16: runtime.zero.DynamicLossScaler, updated on the host from the step's verdict
+    scale: torch.Tensor | None = None  # fp16: the loss scale the program multiplies the tangent by
 
     @property
     def separate_masters(self) -> bool:
@@ -69,6 +71,19 @@ class StepState:
             if self._lr_values[i] != lr:
                 self.lrs[i].fill_(lr)
                 self._lr_values[i] = lr
+
+    def after_step(self, skipped: bool) -> None:
+        """fp16: the loss scaler learns the step's verdict (an overflow halves the scale, after its
+        hysteresis; raises ``LossScaleError`` at the minimum) and the program's scale follows it."""
+        if self.scaler is None:
+            return
+        self.scaler.update(skipped)
+        self.sync_scale()
+
+    def sync_scale(self) -> None:
+        """Copy the scaler's scale into the program's scalar (only when it changed)."""
+        if self.scaler is not None and float(self.scale) != self.scaler.scale:
+            self.scale.fill_(self.scaler.scale)
 
     def expose(self) -> None:
         """Point ``optimizer.state`` at the program's tensors (torch.optim's keys)."""
@@ -122,8 +137,17 @@ def make_state(names: list[str], params: dict[str, torch.nn.Parameter], compute_
     lrs = [torch.tensor(float(g["lr"]), dtype=torch.float32, device=device) for g in opt.param_groups]
     state = StepState(names, plist, masters, opt, spec, states, steps, lrs, [float(g["lr"]) for g in opt.param_groups],
                       torch.zeros((), dtype=torch.bool, device=device))
+    if compute_dtype == torch.float16:
+        from autoshard.runtime.zero import DynamicLossScaler
+
+        _with_scaler(state, DynamicLossScaler(), device)
     state.expose()
     return state
+
+
+def _with_scaler(state: StepState, scaler: Any, device: torch.device) -> None:
+    state.scaler = scaler
+    state.scale = torch.tensor(float(scaler.scale), dtype=torch.float32, device=device)
 
 
 def make_zero_state(zero: Any, device: torch.device) -> StepState:
@@ -138,6 +162,8 @@ def make_zero_state(zero: Any, device: torch.device) -> StepState:
     state = StepState([f"bucket{i}" for i in range(len(masters))], list(masters), list(masters), opt, spec, states,
                       steps, lrs, [float(g["lr"]) for g in opt.param_groups],
                       torch.zeros((), dtype=torch.bool, device=device), zero=zero)
+    if zero.scaler is not None:  # fp16: ZeRO's own scaler, so checkpoints keep saving it
+        _with_scaler(state, zero.scaler, device)
     state.expose()
     return state
 
@@ -195,12 +221,14 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
     tensors += [t for s in states for t in s] + steps + list(state.lrs) + [state.veto]
+    tensors += [state.scale] if state.scaler is not None else []
     example = list(tensors)
     for s, x in zip(slots, inputs):
         example[s] = x
     trainable = [p.requires_grad for p in params]
     gm, layout, report = build_step_graph(joint, spec, separate_masters=separate, trainable=trainable,
-                                          reduction=reduction, grad_clip=grad_clip, example=example)
+                                          reduction=reduction, grad_clip=grad_clip, example=example,
+                                          loss_scaling=state.scaler is not None)
     return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint)
 
 
@@ -230,7 +258,7 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     in_bucket = {i for bk in buckets for i in bk.members}
     loose = [i for i in range(len(joint.params)) if i not in in_bucket]
     layout = ZeroLayout(buckets, loose, len(joint.buffers), joint.num_inputs, state.spec.state_keys,
-                        len(state.spec.groups))
+                        len(state.spec.groups), loss_scaling=state.scaler is not None)
     inputs = joint.flat_inputs(args, kwargs, target)
     tensors: list[Any] = [b.flat for b in zero.zbuckets] + list(state.masters)
     tensors += [b.grad_weight for b in zero.zbuckets if b.grad_weight is not None]
@@ -239,6 +267,7 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
     tensors += [t for s in state.states for t in s] + list(state.steps) + list(state.lrs) + [state.veto]
+    tensors += [state.scale] if state.scaler is not None else []
     example = list(tensors)
     for s, x in zip(slots, inputs):
         example[s] = x

@@ -95,11 +95,13 @@ class StepLayout:
     state_keys: tuple[str, ...]
     num_groups: int
     trainable: list[bool] = field(default_factory=list)  # per parameter: has a gradient and an update
+    loss_scaling: bool = False  # fp16: the loss scale is the last input
 
     def count(self) -> int:
         n = self.num_params * (2 if self.separate_masters else 1)
         n += self.num_buffers + self.num_inputs + self.num_params * (len(self.state_keys) + 1) + self.num_groups
-        return n + 1  # the veto: a bool the runtime sets when the ranks disagree (runtime/guards.py)
+        # the veto: a bool the runtime sets when the ranks disagree (runtime/guards.py); then the loss scale
+        return n + 1 + int(self.loss_scaling)
 
 
 @dataclass
@@ -117,7 +119,7 @@ class Reduction:
 
 def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters: bool,
                      trainable: list[bool], reduction: Reduction, grad_clip: float | None,
-                     example: list[Any]) -> tuple[GraphModule, StepLayout, dict[str, Any]]:
+                     example: list[Any], loss_scaling: bool = False) -> tuple[GraphModule, StepLayout, dict[str, Any]]:
     """The step graph over inputs in :class:`StepLayout` order (``example``: real tensors of that order).
 
     The tail (reduction, skip, clipping, update) is traced alone over fake tensors and appended to a
@@ -130,7 +132,7 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
     trainable = [t and g is not None and joint_out[1 + g] is not None for t, g in zip(trainable, joint.grads)]
     layout = StepLayout(num_params=n, num_buffers=len(joint.buffers), num_inputs=joint.num_inputs,
                         separate_masters=separate_masters, state_keys=spec.state_keys,
-                        num_groups=len(spec.groups), trainable=list(trainable))
+                        num_groups=len(spec.groups), trainable=list(trainable), loss_scaling=loss_scaling)
     count = layout.count()
     if len(example) != count:
         raise ValueError(f"step graph: {len(example)} example inputs, the layout needs {layout.count()}")
@@ -150,12 +152,15 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
         steps = [next(it) for _ in range(n)]
         lrs = [next(it) for _ in range(layout.num_groups)]
         veto = next(it)
+        scale = next(it) if loss_scaling else None
         loss = flat[count].float()
         grads: list[torch.Tensor | None] = [None] * n  # None: no gradient, never updated (as torch.optim)
         for k, i in enumerate(present):
             grads[i] = flat[count + 1 + k].float()
         if reduction.group_name is not None and reduction.size > 1:
             grads, loss = _all_reduce_mean(grads, loss, reduction)
+        if scale is not None:  # unscale (the scale is a power of two: exact)
+            grads = [g / scale if g is not None else None for g in grads]
         live = [(i, g) for i, g in enumerate(grads) if g is not None]
         w = reduction.norm_weight or [1.0] * n
         sumsq = (torch.stack([g.pow(2).sum() * w[i] if w[i] != 1.0 else g.pow(2).sum() for i, g in live]).sum()
@@ -181,7 +186,7 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
     def primals(graph: torch.fx.Graph, ph: list[torch.fx.Node]) -> list[torch.fx.Node]:
         return ph[:layout.num_params] + ph[first_buffer:first_buffer + layout.num_buffers + layout.num_inputs]
 
-    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted)
+    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted, loss_scaling)
     report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout)}
     return gm, layout, report
 
@@ -216,7 +221,8 @@ class ZeroLayout:
     """The order of a ZeRO step graph's flat inputs::
 
         flats, masters, norm weights (weighted buckets), loose parameters (in no bucket), buffers,
-        inputs, states (per key, per bucket), step counters (per bucket), learning rates, veto
+        inputs, states (per key, per bucket), step counters (per bucket), learning rates, veto,
+        the loss scale (fp16)
     """
 
     buckets: list[ShardedBucket]
@@ -225,12 +231,13 @@ class ZeroLayout:
     num_inputs: int
     state_keys: tuple[str, ...]
     num_groups: int
+    loss_scaling: bool = False  # fp16: the loss scale is the last input
 
     def count(self) -> int:
         nb = len(self.buckets)
         weights = sum(b.weighted for b in self.buckets)
         return (2 * nb + weights + len(self.loose) + self.num_buffers + self.num_inputs
-                + nb * (len(self.state_keys) + 1) + self.num_groups + 1)
+                + nb * (len(self.state_keys) + 1) + self.num_groups + 1 + int(self.loss_scaling))
 
     def first_input(self) -> int:
         """Index of the first user input (the runtime puts the batch there)."""
@@ -273,9 +280,12 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
         steps = [next(it) for _ in range(nb)]
         lrs = [next(it) for _ in range(layout.num_groups)]
         veto = next(it)
+        scale = next(it) if layout.loss_scaling else None
         loss = flat[count].float()
         grads = {i: flat[count + 1 + k] for k, i in enumerate(present)}
         shards = [_reduce_scatter(b, grads, shapes, loss.device) for b in layout.buckets]
+        if scale is not None:
+            shards = [s / scale for s in shards]
         if loss_group is not None and loss_size > 1:
             loss = _all_reduce_sum(loss, loss_group) / loss_size
         parts = [(s.pow(2) * w).sum() if w is not None else s.pow(2).sum() * b.norm_scale
@@ -316,7 +326,7 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
         start = layout.first_input() - layout.num_buffers
         return out + ph[start:start + layout.num_buffers + layout.num_inputs]
 
-    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted)
+    gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted, layout.loss_scaling)
     reduce = sum(b.reduce_bytes(example[j].element_size()) for j, b in enumerate(layout.buckets))
     if loss_group is not None and loss_size > 1:
         reduce += 2 * (loss_size - 1) / loss_size * 4
@@ -366,11 +376,13 @@ def _trace_tail(tail: Callable[..., torch.Tensor], example: list[Any], wanted: l
 
 def _splice(joint: JointGraph, tail: GraphModule, count: int,
             primals: Callable[[torch.fx.Graph, list[torch.fx.Node]], list[torch.fx.Node]],
-            wanted: list[torch.fx.Node]) -> GraphModule:
+            wanted: list[torch.fx.Node], loss_scaling: bool = False) -> GraphModule:
     """One graph: a copy of the joint graph, then the tail fed by the joint graph's loss and gradients.
 
     The step graph's placeholders are the tail's first ``count``; ``primals`` gives the nodes that
-    take the joint graph's placeholders' places (inputs themselves, or views of them).
+    take the joint graph's placeholders' places (inputs themselves, or views of them). The loss's
+    tangent is 1, or with ``loss_scaling`` the last placeholder (the loss scale): backward then
+    computes scaled gradients, as ``(loss * scale).backward()`` does.
     """
     graph = torch.fx.Graph()
     root = torch.nn.Module()
@@ -383,8 +395,12 @@ def _splice(joint: JointGraph, tail: GraphModule, count: int,
     for nd, p in zip(jph, primals(graph, step_ph)):
         env[nd] = p
     loss_val = wanted[0].meta["val"]
-    tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
-                                  {"dtype": joint.loss_dtype, "device": loss_val.device, "pin_memory": False})
+    if loss_scaling:
+        tangent = graph.call_function(torch.ops.aten._to_copy.default, (step_ph[count - 1],),
+                                      {"dtype": joint.loss_dtype})
+    else:
+        tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
+                                      {"dtype": joint.loss_dtype, "device": loss_val.device, "pin_memory": False})
     env[jph[-1]] = tangent
     inline(joint.gm, graph, root, env, "joint")
     tenv: dict[torch.fx.Node, Any] = dict(zip(tail_ph[:count], step_ph))

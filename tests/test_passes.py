@@ -74,9 +74,28 @@ def test_capture_drops_export_metadata_asserts():
     model = transformers.LlamaForCausalLM(cfg)
     ids = torch.randint(0, 128, (2, 8))
     exported = torch.export.export(model, (ids,), strict=False).module()
-    assert any(n.target is aten._assert_tensor_metadata.default for n in exported.graph.nodes)
+
+    def asserts(gm):  # subgraphs too: the rotary embedding runs under autocast(enabled=False), a submodule
+        return [n for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes
+                if n.target is aten._assert_tensor_metadata.default]
+
+    assert asserts(exported)
     gm = capture(model, (ids,))
-    assert not any(n.target is aten._assert_tensor_metadata.default for n in gm.graph.nodes)
+    assert not asserts(gm)
+
+    class Rotary(torch.nn.Module):  # as on GPUs: the casts inside an autocast-off region, a submodule
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.autocast("cpu", enabled=False):
+                y = x.float().to(x.device) * 2
+            return self.lin(y)
+
+    x = torch.randn(2, 4)
+    assert asserts(torch.export.export(Rotary(), (x,), strict=False).module())
+    assert not asserts(capture(Rotary(), (x,)))
     torch.testing.assert_close(gm(ids).logits, model(ids).logits)  # the graph still computes what the model does
 
 

@@ -226,3 +226,41 @@ def test_inductor_lowering_computes_what_the_fx_program_computes():
         assert abs(a[0] - b[0]) <= 1e-5 * abs(a[0]) and a[1] == b[1] == 0.0
     for n in p0:
         assert float((p0[n] - p1[n]).norm() / p0[n].norm().clamp_min(1e-12)) < 1e-4, n
+
+
+def test_fp16_loss_scaling_in_the_program(tmp_path):
+    """fp16 without ZeRO on the step program: the tangent is the loss scale, gradients are unscaled in the
+    graph, an overflow skips the step and the host-side scaler halves the scale after its hysteresis;
+    the scale is saved and restored with a checkpoint."""
+    def loss_fn(logits, target):
+        tokens, poison = target
+        logits = logits.float()  # the loss in fp32, as mixed precision computes it
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return FlagGrad.apply(loss, poison, float("inf"))
+
+    inp, tokens, _ = inputs("gpt", batch(0))
+    sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
+                             optimizer=make_optimizer("adamw"), precision="fp16")
+    assert sm.executor == "step-program"
+    assert all(p.dtype == torch.float16 for p in sm.local_parameters().values())
+    (name, w), *_ = sm.local_parameters().items()
+    scales, moved = [], []
+    for step in range(5):
+        before = w.detach().clone()
+        sm.train_step(inp, (tokens, torch.tensor(step in (1, 2))))
+        scales.append(sm.stats()["loss_scale"])
+        moved.append(not torch.equal(w, before))
+    s0 = 2.0**16
+    assert scales == [s0, s0, s0 / 2, s0 / 2, s0 / 2]
+    assert moved == [True, False, False, True, True]
+    assert sm.stats()["skipped_steps"] == 2
+    (prog,) = sm._step_programs.values()
+    assert float(prog.tensors[-1]) == s0 / 2  # the program's scale input follows the scaler
+    sm.save(str(tmp_path / "ckpt"))
+    fresh = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
+                                optimizer=make_optimizer("adamw"), precision="fp16")
+    autoshard.load(str(tmp_path / "ckpt"), fresh)
+    assert fresh.stats()["loss_scale"] == s0 / 2
+    a = fresh.train_step(inp, (tokens, torch.tensor(False)))
+    b = sm.train_step(inp, (tokens, torch.tensor(False)))
+    assert a == b
