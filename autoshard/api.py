@@ -1232,7 +1232,6 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (offload is not None, "offload runs on the host"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
         (attention is not None, "block-sparse attention kernels are not custom ops yet"),
-        (checkpointing is not None, "activation checkpointing is not applied to the joint graph yet"),
     ]
     for bad, why in checks:
         if bad:

@@ -720,7 +720,7 @@ def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
     """The records as a table (rich text, or Markdown), with each system's ratio to the best peer."""
     best = max((r["tok_s_gpu"] for r in records if r.get("tok_s_gpu") and is_peer(r["system"])), default=None)
     head = ["system", "plan", "tok/s/GPU", "MFU", "peak GiB", "× best peer", "loss@1"]
-    cpu = on_cpu(records) and not markdown  # the Markdown report keeps one layout for every device
+    cpu = on_cpu(records)  # CPU rates are not performance figures: no MFU, no ratio, per rank
     if cpu:
         head = ["system", "plan", "tok/s/rank", "peak GiB", "loss@1"]
     rows = []
@@ -806,7 +806,7 @@ def report(records: list[dict[str, Any]]) -> str:
         s = summarize(rows)
         meta = rows[0]
         head = f"**{_title(*key)}**, torch {meta['torch']}, {meta['date']}"
-        if s["ratio"]:
+        if s["ratio"] and not on_cpu(rows):
             head += f": best autoshard ({s['best_autoshard']}) = {s['ratio']:.2f}× the best peer ({s['best_peer']})"
         out += [head, ""]
         if on_cpu(rows):

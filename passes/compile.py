@@ -184,8 +184,10 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     before = dict(C.bytes_sent())
     joint = export_joint(LossModule(forward_graph, loss), args, kwargs, target)
     remat: dict[str, Any] = {"rematerialized": False, "reason": "AUTOSHARD_REMAT=0"}
-    if os.environ.get("AUTOSHARD_REMAT", "1").strip().lower() not in ("0", "false", "off", "no"):
+    checkpointed = sum(1 for n in joint.gm.graph.nodes if "recompute" in n.meta)  # activation checkpointing
+    if checkpointed or os.environ.get("AUTOSHARD_REMAT", "1").strip().lower() not in ("0", "false", "off", "no"):
         joint, remat = rematerialize(joint)
+    remat["checkpointed_nodes"] = checkpointed
     # tracing ran every forward and backward collective once: that is one step's traffic per group
     traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
     if state.zero is not None:

@@ -41,7 +41,7 @@ class LossModule(torch.nn.Module):
         self._loss = loss
 
     def forward(self, args: tuple, kwargs: dict, target: Any) -> torch.Tensor:
-        loss = self._loss(self.forward_graph(*args, **kwargs), target)
+        loss = self._loss(run_keeping_meta(self.forward_graph, args, kwargs), target)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
             raise ValueError(f"the loss must be a scalar, got shape {shape}")
@@ -49,6 +49,67 @@ class LossModule(torch.nn.Module):
 
 
 PREFIX = "forward_graph."
+
+
+class _MetaInterpreter(torch.fx.Interpreter):
+    """Runs a forward graph node by node so that tracing it copies each node's metadata (its module
+    stack; the recompute tags of checkpointed blocks) onto the aten nodes it produces.
+
+    A ``checkpoint_block`` call (passes/activation_checkpoint.py) is not run through
+    ``torch.utils.checkpoint``: its block is run inline with every node tagged
+    ``CheckpointPolicy.MUST_RECOMPUTE`` and one ``ac_graph_id`` per block, which is how AOTAutograd's
+    partitioner (``rematerialize``) is told to keep only the block's inputs and recompute the rest in
+    the backward part of the graph. Random ops stay untagged: the partitioner saves their outputs, so
+    a recompute never draws new random numbers.
+    """
+
+    def __init__(self, gm: GraphModule, block_ids: list[int]) -> None:
+        super().__init__(gm)
+        self._block_ids = block_ids
+
+    def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
+        from autoshard.runtime.recompute import checkpoint_block
+
+        if target is checkpoint_block:
+            block, *inputs = args
+            self._block_ids[0] += 1
+            _tag_recompute(block, self._block_ids[0])
+            return _MetaInterpreter(block, self._block_ids).run(*inputs, enable_io_processing=False)
+        return super().call_function(target, args, kwargs)
+
+
+def _tag_recompute(block: GraphModule, graph_id: int) -> None:
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for n in block.graph.nodes:
+        if n.op != "call_function":
+            continue
+        if isinstance(n.target, torch._ops.OpOverload) and torch.Tag.nondeterministic_seeded in n.target.tags:
+            continue
+        n.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
+        n.meta["ac_graph_id"] = graph_id
+
+
+def run_keeping_meta(forward_graph: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """``forward_graph(*args, **kwargs)``, run so that a trace of it keeps each node's metadata (see
+    :class:`_MetaInterpreter`). A module that is not an FX graph is simply called."""
+    import torch.fx.traceback as fx_traceback
+
+    if not isinstance(forward_graph, GraphModule):
+        return forward_graph(*args, **kwargs)
+    codegen = forward_graph.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is not None and info.in_spec is not None:
+        from torch.fx._pytree import tree_flatten_spec
+
+        flat = tree_flatten_spec((args, kwargs), info.in_spec)
+    elif kwargs:
+        return forward_graph(*args, **kwargs)
+    else:
+        flat = list(args)
+    with fx_traceback.preserve_node_meta():
+        out = _MetaInterpreter(forward_graph, [0]).run(*flat, enable_io_processing=False)
+    return forward_graph.graph.process_outputs(out)
 
 
 @dataclass
@@ -212,7 +273,9 @@ def rematerialize(joint: JointGraph) -> tuple[JointGraph, dict[str, Any]]:
     graph.output([loss, *[bw_env[g] if isinstance(g, torch.fx.Node) else g for g in bw_out]])
     graph.lint()
     gm = GraphModule(root, graph)
+    saved = [x.meta.get("val") for x in fw_out[1:] if isinstance(x, torch.fx.Node)]
     report = {"rematerialized": True, "saved_for_backward": len(fw_out) - 1,
+              "saved_bytes": sum(v.numel() * v.element_size() for v in saved if isinstance(v, torch.Tensor)),
               "nodes_before": len(joint.gm.graph.nodes), "nodes_after": len(gm.graph.nodes)}
     return JointGraph(gm=gm, params=joint.params, buffers=joint.buffers, num_inputs=joint.num_inputs,
                       grads=joint.grads, input_spec=joint.input_spec, loss_dtype=joint.loss_dtype), report

@@ -68,8 +68,9 @@ def test_report_table_and_plot(tiny_run, tmp_path, capsys):
     path = tiny_run[1]
     assert main(["bench", "--report", str(path)]) == 0
     md = capsys.readouterr().out
-    assert "| system | plan | tok/s/GPU |" in md and "autoshard:zero=3" in md
-    assert "× the best peer (" in md
+    # CPU ranks: per-rank rates, no MFU and no ranking (they are not performance figures)
+    assert "| system | plan | tok/s/rank |" in md and "autoshard:zero=3" in md
+    assert "× the best peer" not in md and "MFU" not in md and "not performance figures" in md
     png = tmp_path / "r.png"
     assert main(["bench", "--plot", str(path), "-o", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
