@@ -32,7 +32,13 @@ from autoshard.passes.activation_checkpoint import (
     recompute_bytes,
 )
 from autoshard.passes.capture import capture
-from autoshard.passes.data_parallel import block_buckets, block_of_params, gradient_order, insert_param_gathers
+from autoshard.passes.data_parallel import (
+    block_buckets,
+    block_of_params,
+    gradient_order,
+    insert_param_gathers,
+    without_param_gathers,
+)
 from autoshard.passes.expert_parallel import apply_expert_parallel, find_moe_layers, plan_expert_parallel
 from autoshard.passes.memory import saved_activation_bytes
 from autoshard.passes.pipeline_split import split_stages
@@ -490,6 +496,8 @@ class ShardedModule(torch.nn.Module):
         prog = self._step_programs.get(key)
         if prog is None:
             fwd = self._program(args, kwargs, training=True)
+            if self._zero_stage == 3:  # the step program gathers inside its own graph (passes/schedule.py)
+                fwd = without_param_gathers(fwd)
             dp, tp = self.mesh.group("dp"), self.mesh.group("tp")
             weight = {n: 1.0 if parse_placement(lay.placement).is_shard() else 1.0 / tp.size
                       for n, lay in self._tp_plan.layouts.items()}
@@ -1228,7 +1236,6 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (optimizer is None, "no optimizer (forward only)"),
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
-        (zero == 3, "ZeRO-3 parameter gathers are not graph nodes yet"),
         (offload is not None, "offload runs on the host"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
         (attention is not None, "block-sparse attention kernels are not custom ops yet"),

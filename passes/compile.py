@@ -37,6 +37,7 @@ from .optimizer import (
     build_zero_step_graph,
     optimizer_spec,
 )
+from .schedule import issue_collectives_early, place_parameter_gathers
 
 
 @dataclass
@@ -236,6 +237,8 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
 
 def _lower(gm, report: dict[str, Any], tensors: list[Any], slots: list[int], device: torch.device,
            compile: bool | None, remat: dict[str, Any], traced: dict[str, float], joint) -> tuple[StepProgram, dict[str, Any]]:
+    gm, report["gathers"] = place_parameter_gathers(gm)
+    gm, report["schedule"] = issue_collectives_early(gm)
     compiled = device.type == "cuda" if compile is None else compile
     program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
     report.update(remat=remat, traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes),
@@ -259,10 +262,11 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
                                      b.norm_scale))
     in_bucket = {i for bk in buckets for i in bk.members}
     loose = [i for i in range(len(joint.params)) if i not in in_bucket]
+    gathered = zero.stage == 3  # the program gathers each bucket from the masters where it is used
     layout = ZeroLayout(buckets, loose, len(joint.buffers), joint.num_inputs, state.spec.state_keys,
-                        len(state.spec.groups), loss_scaling=state.scaler is not None)
+                        len(state.spec.groups), loss_scaling=state.scaler is not None, gathered=gathered)
     inputs = joint.flat_inputs(args, kwargs, target)
-    tensors: list[Any] = [b.flat for b in zero.zbuckets] + list(state.masters)
+    tensors: list[Any] = ([] if gathered else [b.flat for b in zero.zbuckets]) + list(state.masters)
     tensors += [b.grad_weight for b in zero.zbuckets if b.grad_weight is not None]
     tensors += [forward_graph.get_parameter(joint.params[i]) for i in loose]
     tensors += [forward_graph.get_buffer(b) for b in joint.buffers]
@@ -275,7 +279,7 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
         example[s] = x
     gm, report = build_zero_step_graph(joint, state.spec, layout, loss_group=dp_group if dp_size > 1 else None,
                                        loss_size=dp_size, norm_group=norm_group, grad_clip=grad_clip,
-                                       example=example)
+                                       example=example, compute_dtype=zero.dtype)
     return gm, report, tensors, slots
 
 

@@ -154,3 +154,25 @@ def insert_param_gathers(gm: GraphModule, buckets: list[list[str]], aliases: dic
     gm.graph.lint()
     gm.recompile()
     return records
+
+
+def without_param_gathers(gm: GraphModule) -> GraphModule:
+    """A forward graph over the same parameters with :func:`insert_param_gathers`' nodes taken out.
+
+    The step program gathers ZeRO-3 buckets inside its own graph (passes/schedule.py); it traces this
+    copy, while ``gm`` itself keeps its gathers for forward-only calls (evaluation). The copy shares
+    ``gm``'s parameter objects (a new ``GraphModule`` over the same root), so parameters are found by
+    identity as usual.
+    """
+    graph = torch.fx.Graph()
+    env: dict[Node, Node] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in (Z.gather_params, Z.release_params):
+            continue
+        if n.op == "call_function" and n.target is Z.regather:
+            env[n] = env[n.args[0]]
+            continue
+        env[n] = graph.node_copy(n, lambda a: env[a])
+    graph._codegen = gm.graph._codegen
+    graph.lint()
+    return GraphModule(gm, graph)

@@ -209,11 +209,12 @@ class ShardedBucket:
     weighted: bool  # a per-element norm weight (1/replication) is a graph input
     norm_scale: float = 1.0  # otherwise every element's weight
 
-    def reduce_bytes(self, flat_itemsize: int) -> float:
-        """Bytes this rank sends per step: the gradient reduce-scatter (fp32) and the parameter all-gather."""
+    def reduce_bytes(self, flat_itemsize: int, gathers: int = 1) -> float:
+        """Bytes this rank sends per step: the gradient reduce-scatter (fp32) and ``gathers`` parameter
+        all-gathers (one at stages 1-2; forward and backward at stage 3)."""
         if self.group_name is None or self.size <= 1:
             return 0.0
-        return (self.size - 1) / self.size * self.padded * (4 + flat_itemsize)
+        return (self.size - 1) / self.size * self.padded * (4 + gathers * flat_itemsize)
 
 
 @dataclass
@@ -232,22 +233,28 @@ class ZeroLayout:
     state_keys: tuple[str, ...]
     num_groups: int
     loss_scaling: bool = False  # fp16: the loss scale is the last input
+    gathered: bool = False  # ZeRO-3: no flat inputs; the program gathers each bucket from the masters
+
+    @property
+    def num_flats(self) -> int:
+        return 0 if self.gathered else len(self.buckets)
 
     def count(self) -> int:
         nb = len(self.buckets)
         weights = sum(b.weighted for b in self.buckets)
-        return (2 * nb + weights + len(self.loose) + self.num_buffers + self.num_inputs
+        return (self.num_flats + nb + weights + len(self.loose) + self.num_buffers + self.num_inputs
                 + nb * (len(self.state_keys) + 1) + self.num_groups + 1 + int(self.loss_scaling))
 
     def first_input(self) -> int:
         """Index of the first user input (the runtime puts the batch there)."""
         nb = len(self.buckets)
-        return 2 * nb + sum(b.weighted for b in self.buckets) + len(self.loose) + self.num_buffers
+        return self.num_flats + nb + sum(b.weighted for b in self.buckets) + len(self.loose) + self.num_buffers
 
 
 def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLayout, *,
                           loss_group: str | None, loss_size: int, norm_group: str | None,
-                          grad_clip: float | None, example: list[Any]) -> tuple[GraphModule, dict[str, Any]]:
+                          grad_clip: float | None, example: list[Any],
+                          compute_dtype: torch.dtype = torch.float32) -> tuple[GraphModule, dict[str, Any]]:
     """The step graph of ZeRO stages 1 and 2: gradients reduce-scattered into fp32 shards, the update on
     this rank's shard of each bucket, the updated shards all-gathered into the flat compute buffers.
 
@@ -271,7 +278,7 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
 
     def _tail(*flat):
         it = iter(flat[:count])
-        flats = [next(it) for _ in range(nb)]
+        flats = [next(it) for _ in range(layout.num_flats)]
         masters = [next(it) for _ in range(nb)]
         weights = [next(it) if b.weighted else None for b in layout.buckets]
         for _ in range(len(layout.loose) + layout.num_buffers + layout.num_inputs):
@@ -298,7 +305,8 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
             g = shards[j] * coef if coef is not None else shards[j]
             gi = spec.group_of[j]
             _apply(found, spec, gi, masters[j], g, [s[j] for s in states], steps[j], lrs[gi])
-            flats[j].copy_(_all_gather(b, masters[j].to(flats[j].dtype)))
+            if not layout.gathered:  # ZeRO-3: the next step gathers the new masters where it needs them
+                flats[j].copy_(_all_gather(b, masters[j].to(flats[j].dtype)))
         return torch.stack([loss, found.float(), sumsq.sqrt()])
 
     wanted = [joint_out[0]] + [joint_out[1 + joint.grads[i]] for i in present]
@@ -308,18 +316,24 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
             where[i] = (j, off)
     weights = sum(b.weighted for b in layout.buckets)
 
+    nf = layout.num_flats
+
     def primals(graph: torch.fx.Graph, ph: list[torch.fx.Node]) -> list[torch.fx.Node]:
         out: list[torch.fx.Node] = []
-        loose = iter(ph[2 * nb + weights:2 * nb + weights + len(layout.loose)])
+        loose = iter(ph[nf + nb + weights:nf + nb + weights + len(layout.loose)])
+        flat = ph[:nf] if not layout.gathered else [
+            _gather_nodes(graph, ph[nf + j], b, j, compute_dtype) for j, b in enumerate(layout.buckets)]
         for i in range(len(joint.params)):
             if i not in where:
                 out.append(next(loose))
                 continue
             j, off = where[i]
             k = math.prod(shapes[i])
-            piece = graph.call_function(torch.ops.aten.slice.Tensor, (ph[j], 0, off, off + k))
+            piece = graph.call_function(torch.ops.aten.slice.Tensor, (flat[j], 0, off, off + k))
             out.append(graph.call_function(torch.ops.aten.view.default, (piece, list(shapes[i]))))
-            base = ph[j].meta.get("val")
+            for n in (piece, out[-1]):
+                n.meta["autoshard_gather"] = j
+            base = flat[j].meta.get("val")
             if base is not None:
                 piece.meta["val"] = base[off:off + k]
                 out[-1].meta["val"] = piece.meta["val"].view(shapes[i])
@@ -327,10 +341,30 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
         return out + ph[start:start + layout.num_buffers + layout.num_inputs]
 
     gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted, layout.loss_scaling)
-    reduce = sum(b.reduce_bytes(example[j].element_size()) for j, b in enumerate(layout.buckets))
+    itemsize = torch.empty((), dtype=compute_dtype).element_size()
+    reduce = sum(b.reduce_bytes(itemsize, 2 if layout.gathered else 1) for b in layout.buckets)
     if loss_group is not None and loss_size > 1:
         reduce += 2 * (loss_size - 1) / loss_size * 4
     return gm, {"collectives": _collectives(gm), "reduce_bytes": reduce}
+
+
+def _gather_nodes(graph: torch.fx.Graph, master: torch.fx.Node, b: ShardedBucket, j: int,
+                  dtype: torch.dtype) -> torch.fx.Node:
+    """ZeRO-3: nodes that rebuild bucket ``j``'s flat compute buffer from every rank's master shard
+    (cast to the compute dtype, all-gather, wait), tagged for passes/schedule.py, which places them
+    before the bucket's first use in forward and again before its first use in backward."""
+    ops = torch.ops._c10d_functional
+    nodes = [graph.call_function(torch.ops.aten._to_copy.default, (master,), {"dtype": dtype})]
+    if b.group_name is not None and b.size > 1:
+        nodes.append(graph.call_function(ops.all_gather_into_tensor.default, (nodes[-1], b.size, b.group_name)))
+        nodes.append(graph.call_function(ops.wait_tensor.default, (nodes[-1],)))
+    mval = master.meta.get("val")
+    for n in nodes:
+        n.meta["autoshard_gather"] = j
+        if mval is not None:
+            with mval.fake_mode:
+                n.meta["val"] = mval.new_empty((b.padded,), dtype=dtype)
+    return nodes[-1]
 
 
 def _reduce_scatter(b: ShardedBucket, grads: dict[int, torch.Tensor], shapes: dict[int, tuple[int, ...]],
@@ -401,12 +435,17 @@ def _splice(joint: JointGraph, tail: GraphModule, count: int,
     else:
         tangent = graph.call_function(torch.ops.aten.full.default, ([], 1.0),
                                       {"dtype": joint.loss_dtype, "device": loss_val.device, "pin_memory": False})
+    tangent.meta["autoshard_stage"] = "tangent"  # where backward starts (passes/schedule.py)
     env[jph[-1]] = tangent
     inline(joint.gm, graph, root, env, "joint")
     tenv: dict[torch.fx.Node, Any] = dict(zip(tail_ph[:count], step_ph))
     for k, p in enumerate(tail_ph[count:]):
         tenv[p] = env[wanted[k]]
+    before = set(graph.nodes)
     (result,) = inline(tail, graph, root, tenv, "tail")
+    for n in graph.nodes:  # what passes/schedule.py may move
+        if n not in before:
+            n.meta["autoshard_stage"] = "tail"
     graph.output(tenv[result])
     graph.lint()
     return GraphModule(root, graph)

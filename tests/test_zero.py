@@ -7,6 +7,7 @@ reference within the documented bounds. One launch per world size.
 from __future__ import annotations
 
 import functools
+import os
 
 import pytest
 import torch
@@ -90,8 +91,47 @@ def _memory_worker() -> list[dict]:
     return out
 
 
+def _zero3_program_worker() -> dict:
+    """ZeRO-3 on the step program: each bucket gathered inside the graph before its first forward use
+    and again before its first backward use, a few buckets alive at a time, slices only at rest."""
+    mesh = autoshard.Mesh(dp=2)
+    inp, target, loss_fn = inputs("gpt", batch(0)[mesh.data_rank * 4:(mesh.data_rank + 1) * 4])
+    sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp, loss_fn=loss_fn,
+                             optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3), zero=3)
+    sm.train_step(inp, target)
+    (prog,) = sm._step_programs.values()
+    nodes = list(prog.gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    waits = [n for n in nodes if n.meta.get("autoshard_gather") is not None and "wait_tensor" in str(n.target)]
+
+    def last_use(n):  # through the slice/view nodes to the ops that read the gathered parameters
+        out, stack = pos[n], [n]
+        while stack:
+            x = stack.pop()
+            for u in x.users:
+                out = max(out, pos[u])
+                if u.meta.get("autoshard_gather") is not None:
+                    stack.append(u)
+        return out
+
+    spans = [(pos[w.args[0]], last_use(w)) for w in waits]  # all-gather issued .. last read of its buffer
+    live = max(sum(1 for a, b in spans if a <= t <= b) for t in range(len(nodes)))
+    return {"executor": sm.executor, "report": sm._step_reports["gathers"], "buckets": len(sm._zero.zbuckets),
+            "resident": sm._zero.resident_bytes(), "max_live": live,
+            "whole": sum(b.flat.numel() * b.flat.element_size() for b in sm._zero.zbuckets)}
+
+
 def _zero3_worker() -> dict:
-    """What ZeRO-3 holds: slices at rest, a few blocks while running, the same outputs in eval."""
+    """What ZeRO-3 holds on the interpreted executor: slices at rest, a few blocks while running, the
+    same outputs in eval."""
+    os.environ["AUTOSHARD_EXECUTOR"] = "interpreted"
+    try:
+        return _zero3_interpreted()
+    finally:
+        del os.environ["AUTOSHARD_EXECUTOR"]
+
+
+def _zero3_interpreted() -> dict:
     mesh = autoshard.Mesh(dp=2)
     inp, target, loss_fn = inputs("gpt", batch(0)[mesh.data_rank * 4:(mesh.data_rank + 1) * 4])
     model = make_model("gpt")
@@ -130,7 +170,7 @@ def _zero3_worker() -> dict:
 
 def _world2() -> dict:
     return {"cases": run_cases(CASES_2), "low": run_cases(LOW_PRECISION), "scaler": _scaler_worker(),
-            "memory": _memory_worker(), "zero3": _zero3_worker()}
+            "memory": _memory_worker(), "zero3": _zero3_worker(), "zero3_program": _zero3_program_worker()}
 
 
 @pytest.fixture(scope="module")
@@ -218,6 +258,16 @@ def test_zero3_gathers_blocks_and_frees_them(world2):
     assert held["params"] == 0 and pred["params"] == 0
     assert abs(held["master"] + held["optimizer_states"] - 12 * psi / 2) <= 0.05 * 12 * psi / 2
     assert pred["grads"] == 4 * psi // 2
+
+
+def test_zero3_step_program_gathers_each_bucket_where_it_is_used(world2):
+    r = world2["zero3_program"]
+    assert r["executor"] == "step-program"
+    rep = r["report"]
+    assert rep["forward_gathers"] == r["buckets"] >= 4
+    assert rep["backward_gathers"] >= r["buckets"] - 1  # the last forward bucket may serve backward directly
+    assert r["resident"] == 0  # only the fp32 master slices persist between steps
+    assert 2 <= r["max_live"] <= 3  # the bucket in use and the one prefetched: never the whole model
 
 
 def test_loss_scaler_rules():
