@@ -37,8 +37,9 @@ def test_every_system_runs_and_is_recorded(tiny_run):
         assert r["model"] == "tiny" and r["gpus"] == 2 and r["commit"] == "abc1234"
         assert r["device"].startswith("cpu") and r["peak_gib"] is None  # no device memory counter on CPU
     plans = {r["system"]: r["plan"] for r in records}
-    assert plans["autoshard:zero=3"] == "dp=2 zero=3"
-    assert plans["autoshard:tp=2"] == "tp=2 step program"  # tp runs as one compiled step (the [compiler] executor)
+    # dp, tp and ZeRO run as one compiled step (the [compiler] executor)
+    assert plans["autoshard:zero=3"] == "dp=2 zero=3 step program"
+    assert plans["autoshard:tp=2"] == "tp=2 step program"
     assert "pp=2" in plans["autoshard:pp=2,microbatches=2"]
 
 
