@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -257,6 +258,8 @@ class ShardedModule(torch.nn.Module):
                  attention: str | None = None, activation_checkpointing: None | str | int | list[str] = None,
                  offload_overlap: bool = True) -> None:
         super().__init__()
+        t_start = time.perf_counter()
+        self._times: dict[str, float] = {}  # setup_times(): where the first step's time went
         self._ckpt_spec = parse_spec(activation_checkpointing)  # bad values: PlanError before any capture
         self._ckpt_stages: list[list[int]] | None = None  # blocks each stage checkpoints (decided once)
         self._ckpt_record: dict[str, Any] = {}
@@ -278,7 +281,7 @@ class ShardedModule(torch.nn.Module):
         self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
         # [compiler] the whole step as one program where the plan allows it (see _joint_blocker)
         self._joint_reason = _joint_blocker(mesh, zero=zero, offload=offload, precision=precision, fuse=fuse,
-                                            attention=attention, checkpointing=activation_checkpointing,
+                                            checkpointing=activation_checkpointing,
                                             optimizer=optimizer)
         self._joint = None  # passes.compile.StepState, made with the optimizer below
         self._step_programs: dict[tuple, Any] = {}
@@ -329,6 +332,7 @@ class ShardedModule(torch.nn.Module):
             raise PlanError("microbatches, virtual_stages and split_points need a pipeline: use Mesh(pp=...) > 1")
         self._capture_dtype = None if precision == "fp32" else DTYPES[precision]
         gm = self._capture(model, args, kwargs, training=True)
+        self._times["capture_s"] = time.perf_counter() - t_start
         if loss_fn is None:
             _check_output_is_loss(gm)
         self._tp_plan = plan_tensor_parallel(gm, self._tp)
@@ -475,6 +479,20 @@ class ShardedModule(torch.nn.Module):
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
         self._bind_compressing_optimizer(layouts)
+        self._times["plan_s"] = time.perf_counter() - t_start - self._times["capture_s"]
+
+    def setup_times(self) -> dict[str, float]:
+        """Seconds spent on the way to the first step, by phase: ``capture_s`` (torch.export), ``plan_s``
+        (the forward passes, buckets, the plan); on the step program also ``joint_export_s`` (AOTAutograd's
+        joint graph), ``partition_s`` (min-cut rematerialisation), ``step_graph_s`` (reduction and update
+        added), ``schedule_s`` (gather placement and collective order), ``inductor_s`` (code generation, on
+        CUDA) and ``cuda_graph_s`` (recording the replayed step). The first input signature's figures."""
+        out = dict(self._times)
+        for prog in list(self._step_programs.values())[:1]:
+            out.update({k: v for k, v in self._step_reports.get("times_s", {}).items()})
+            out["inductor_s"] = prog.compile_s
+            out["cuda_graph_s"] = prog.capture_s
+        return out
 
     @property
     def executor(self) -> str:
@@ -1221,7 +1239,7 @@ class ShardedModule(torch.nn.Module):
 
 
 def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str, fuse: bool | None,
-                   attention: str | None, checkpointing: Any, optimizer: Any) -> str | None:
+                   checkpointing: Any, optimizer: Any) -> str | None:
     """Why this plan cannot run as a step program yet (``None``: it can). [compiler]
 
     ``AUTOSHARD_EXECUTOR=interpreted`` forces the interpreted executor (eager backward) for any plan.
@@ -1238,7 +1256,6 @@ def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
         (offload is not None, "offload runs on the host"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
-        (attention is not None, "block-sparse attention kernels are not custom ops yet"),
     ]
     for bad, why in checks:
         if bad:

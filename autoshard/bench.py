@@ -633,8 +633,9 @@ def run_rank(cfg: BenchConfig) -> list[dict[str, Any]] | None:
                 peak = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**30], device=device)
                 dist.all_reduce(peak, op=dist.ReduceOp.MAX)
                 rec["peak_gib"] = float(peak)
-            if sm is not None:  # the plan's memory prediction next to the measured peak
+            if sm is not None:  # the plan's memory prediction next to the measured peak; the first step by phase
                 rec["predicted_peak_gib"] = sm.predicted_peak_bytes()["device"] / 2**30
+                rec["setup_s"] = {k: round(v, 2) for k, v in sm.setup_times().items()}
             if cfg.profile:
                 rec["profile"] = profile_steps(step, device)
         except Exception as e:  # noqa: BLE001 - recorded, the next system still runs
@@ -679,6 +680,9 @@ def _print_row(r: dict[str, Any]) -> None:
         rate = f"{r['tok_s_gpu']:11,.0f} tok/s/GPU  MFU {100 * r['mfu']:5.1f}%"
     print(f"{r['system']:28s} {rate}  peak {peak}  step {r['step_s'] * 1e3:8.1f} ms  loss@1 {r['loss_step1']:.6f}  "
           f"[{r['plan']}]", flush=True)
+    if r.get("first_step_s") is not None:
+        phases = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v:.1f}" for k, v in r.get("setup_s", {}).items())
+        print(f"{'':28s} first step {r['first_step_s']:.1f} s" + (f" ({phases} s)" if phases else ""), flush=True)
 
 
 # ====================================================================================== tables and plots

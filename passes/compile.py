@@ -18,6 +18,7 @@ checkpoints see what the program computes.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -183,18 +184,21 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     from autoshard.runtime import collectives as C
 
     before = dict(C.bytes_sent())
+    times = {"joint_export_s": time.perf_counter()}
     joint = export_joint(LossModule(forward_graph, loss), args, kwargs, target)
+    times["partition_s"] = time.perf_counter()
     remat: dict[str, Any] = {"rematerialized": False, "reason": "AUTOSHARD_REMAT=0"}
     checkpointed = sum(1 for n in joint.gm.graph.nodes if "recompute" in n.meta)  # activation checkpointing
     if checkpointed or os.environ.get("AUTOSHARD_REMAT", "1").strip().lower() not in ("0", "false", "off", "no"):
         joint, remat = rematerialize(joint)
     remat["checkpointed_nodes"] = checkpointed
+    times["step_graph_s"] = time.perf_counter()
     # tracing ran every forward and backward collective once: that is one step's traffic per group
     traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
     if state.zero is not None:
         gm, report, tensors, slots = _zero_step(joint, forward_graph, state, args, kwargs, target, dp_group=dp_group,
                                                 dp_size=dp_size, norm_group=norm_group, grad_clip=grad_clip)
-        return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint)
+        return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint, times, state.zero.prefetch)
     ident = {id(p): i for i, p in enumerate(state.params)}
     order: list[int] = []
     for name in joint.params:
@@ -232,13 +236,17 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     gm, layout, report = build_step_graph(joint, spec, separate_masters=separate, trainable=trainable,
                                           reduction=reduction, grad_clip=grad_clip, example=example,
                                           loss_scaling=state.scaler is not None)
-    return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint)
+    return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint, times)
 
 
 def _lower(gm, report: dict[str, Any], tensors: list[Any], slots: list[int], device: torch.device,
-           compile: bool | None, remat: dict[str, Any], traced: dict[str, float], joint) -> tuple[StepProgram, dict[str, Any]]:
-    gm, report["gathers"] = place_parameter_gathers(gm)
+           compile: bool | None, remat: dict[str, Any], traced: dict[str, float], joint, times: dict[str, float],
+           prefetch: int = 1) -> tuple[StepProgram, dict[str, Any]]:
+    times["schedule_s"] = time.perf_counter()
+    gm, report["gathers"] = place_parameter_gathers(gm, prefetch=prefetch)
     gm, report["schedule"] = issue_collectives_early(gm)
+    marks = list(times.items()) + [("", time.perf_counter())]  # phase start times -> durations
+    report["times_s"] = {k: marks[i + 1][1] - t for i, (k, t) in enumerate(marks[:-1])}
     compiled = device.type == "cuda" if compile is None else compile
     program = StepProgram(gm, tensors, slots, device, compile=compiled, cuda_graphs=compiled and cuda_graphs_enabled())
     report.update(remat=remat, traced_bytes=traced, nodes=len(gm.graph.nodes), joint_nodes=len(joint.gm.graph.nodes),

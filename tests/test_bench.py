@@ -41,6 +41,9 @@ def test_every_system_runs_and_is_recorded(tiny_run):
     assert plans["autoshard:zero=3"] == "dp=2 zero=3 step program"
     assert plans["autoshard:tp=2"] == "tp=2 step program"
     assert "pp=2" in plans["autoshard:pp=2,microbatches=2"]
+    setup = next(r for r in records if r["system"] == "autoshard:tp=2")["setup_s"]  # the first step by phase
+    assert {"capture_s", "plan_s", "joint_export_s", "partition_s", "step_graph_s", "schedule_s"} <= set(setup)
+    assert all(v >= 0 for v in setup.values()) and setup["joint_export_s"] > 0
 
 
 @pytest.mark.slow

@@ -205,6 +205,12 @@ def test_training_parity_with_masked_reference(backend, monkeypatch):
                              fuse=backend == "torch")
     losses = [sm.train_step((_tokens(s),), _tokens(s)) for s in range(steps)]
     _check_against_reference(losses, sm.full_state_dict(), steps)
+    if backend == "triton":  # the kernels are custom ops: the step program keeps them, forward and backward
+        assert sm.executor == "step-program"
+        (prog,) = sm._step_programs.values()
+        targets = {str(n.target) for n in prog.gm.graph.nodes if n.op == "call_function"}
+        assert {"autoshard.block_sparse_attention.default",
+                "autoshard.block_sparse_attention_backward.default"} <= targets, sorted(targets)
     att = sm.plan.attention
     assert att["spec"] == bs.parse_attention(SPEC).spec() and len(att["replaced"]) == 2
     text = sm.plan.explain()
@@ -238,6 +244,7 @@ def _tp_worker(steps):
     losses = [sm.train_step((_tokens(s),), _tokens(s)) for s in range(steps)]
     state = sm.full_state_dict()
     shapes = [(r["shape"], r["placement"]) for r in sm.plan.attention["replaced"]]
+    assert sm.executor == "step-program"
     return (losses, state, shapes) if mesh.rank == 0 else None
 
 

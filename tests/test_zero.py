@@ -96,11 +96,21 @@ def _zero3_program_worker() -> dict:
     and again before its first backward use, a few buckets alive at a time, slices only at rest."""
     mesh = autoshard.Mesh(dp=2)
     inp, target, loss_fn = inputs("gpt", batch(0)[mesh.data_rank * 4:(mesh.data_rank + 1) * 4])
-    sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp, loss_fn=loss_fn,
-                             optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3), zero=3)
-    sm.train_step(inp, target)
-    (prog,) = sm._step_programs.values()
-    nodes = list(prog.gm.graph.nodes)
+    out = {}
+    for prefetch in (1, 0):
+        sm = autoshard.autoshard(make_model("gpt"), mesh, example_inputs=inp, loss_fn=loss_fn,
+                                 optimizer=lambda ps: torch.optim.Adam(ps, lr=1e-3), zero=3, prefetch=prefetch)
+        sm.train_step(inp, target)
+        (prog,) = sm._step_programs.values()
+        out[prefetch] = {"executor": sm.executor, "report": sm._step_reports["gathers"],
+                         "buckets": len(sm._zero.zbuckets), "resident": sm._zero.resident_bytes(),
+                         "max_live": _live_gathers(list(prog.gm.graph.nodes)),
+                         "whole": sum(b.flat.numel() * b.flat.element_size() for b in sm._zero.zbuckets)}
+    return out
+
+
+def _live_gathers(nodes: list) -> int:
+    """The most gathered buckets alive at once in a step graph (all-gather issued .. last read)."""
     pos = {n: i for i, n in enumerate(nodes)}
     waits = [n for n in nodes if n.meta.get("autoshard_gather") is not None and "wait_tensor" in str(n.target)]
 
@@ -114,11 +124,8 @@ def _zero3_program_worker() -> dict:
                     stack.append(u)
         return out
 
-    spans = [(pos[w.args[0]], last_use(w)) for w in waits]  # all-gather issued .. last read of its buffer
-    live = max(sum(1 for a, b in spans if a <= t <= b) for t in range(len(nodes)))
-    return {"executor": sm.executor, "report": sm._step_reports["gathers"], "buckets": len(sm._zero.zbuckets),
-            "resident": sm._zero.resident_bytes(), "max_live": live,
-            "whole": sum(b.flat.numel() * b.flat.element_size() for b in sm._zero.zbuckets)}
+    spans = [(pos[w.args[0]], last_use(w)) for w in waits]
+    return max(sum(1 for a, b in spans if a <= t <= b) for t in range(len(nodes)))
 
 
 def _zero3_worker() -> dict:
@@ -261,13 +268,15 @@ def test_zero3_gathers_blocks_and_frees_them(world2):
 
 
 def test_zero3_step_program_gathers_each_bucket_where_it_is_used(world2):
-    r = world2["zero3_program"]
+    r = world2["zero3_program"][1]
     assert r["executor"] == "step-program"
     rep = r["report"]
-    assert rep["forward_gathers"] == r["buckets"] >= 4
+    assert rep["forward_gathers"] == r["buckets"] >= 4 and rep["prefetch"] == 1
     assert rep["backward_gathers"] >= r["buckets"] - 1  # the last forward bucket may serve backward directly
     assert r["resident"] == 0  # only the fp32 master slices persist between steps
     assert 2 <= r["max_live"] <= 3  # the bucket in use and the one prefetched: never the whole model
+    lazy = world2["zero3_program"][0]  # prefetch=0: each bucket gathered only where it is used
+    assert lazy["report"]["prefetch"] == 0 and lazy["max_live"] < r["max_live"]
 
 
 def test_loss_scaler_rules():

@@ -393,44 +393,70 @@ def _meta(layout: Layout, causal: bool, dp: int, dtype: torch.dtype) -> dict:
                 num_warps=4 if layout.block * dp <= 64 * 64 else 8)
 
 
-class _BlockSparse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, layout: Layout, causal: bool, scale: float):
-        shape = q.shape
-        t, d = shape[-2], shape[-1]
-        q3, k3, v3 = (x.reshape(-1, t, d).contiguous() for x in (q, k, v))
-        bh = q3.shape[0]
-        row_ptr, col_idx, _, _, row_order, _ = _device_csr(layout, t, causal, str(q.device))
-        nb = row_ptr.numel() - 1
-        o = torch.empty_like(q3)
-        lse = torch.empty((bh, t), dtype=torch.float32, device=q.device)
-        dp = max(16, next_pow2(d))
-        fwd, _, _ = _kernels()
-        fwd[(nb, bh)](q3, k3, v3, o, lse, row_ptr, col_idx, row_order, scale * _LOG2E, t, d,
-                      **_meta(layout, causal, dp, q.dtype))
-        ctx.save_for_backward(q3, k3, v3, o, lse)
-        ctx.layout, ctx.causal, ctx.scale, ctx.shape = layout, causal, scale, shape
-        return o.view(shape)
+# The kernels run behind two operators registered with torch.library, so a traced training step (the
+# step program's AOTAutograd joint graph, Inductor, CUDA graphs) keeps them as single opaque nodes with
+# their own backward; eager autograd goes through the same registration.
+@torch.library.custom_op("autoshard::block_sparse_attention", mutates_args=())
+def _bs_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, causal: bool,
+                scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward kernel over ``[B·H, T, D]`` contiguous tensors: ``(out, row log-sum-exp base 2)``."""
+    layout = parse_attention(spec)
+    bh, t, d = q.shape
+    row_ptr, col_idx, _, _, row_order, _ = _device_csr(layout, t, causal, str(q.device))
+    nb = row_ptr.numel() - 1
+    o = torch.empty_like(q)
+    lse = torch.empty((bh, t), dtype=torch.float32, device=q.device)
+    dp = max(16, next_pow2(d))
+    fwd, _, _ = _kernels()
+    fwd[(nb, bh)](q, k, v, o, lse, row_ptr, col_idx, row_order, scale * _LOG2E, t, d,
+                  **_meta(layout, causal, dp, q.dtype))
+    return o, lse
 
-    @staticmethod
-    def backward(ctx, do):
-        q3, k3, v3, o, lse = ctx.saved_tensors
-        layout, causal, scale = ctx.layout, ctx.causal, ctx.scale
-        bh, t, d = q3.shape
-        do3 = do.reshape(bh, t, d).contiguous()
-        delta = (do3.float() * o.float()).sum(-1)
-        row_ptr, col_idx, col_ptr, row_idx, row_order, col_order = _device_csr(layout, t, causal, str(q3.device))
-        nb = row_ptr.numel() - 1
-        dq, dk, dv = torch.empty_like(q3), torch.empty_like(k3), torch.empty_like(v3)
-        dp = max(16, next_pow2(d))
-        _, bwd_dq, bwd_dkv = _kernels()
-        meta = _meta(layout, causal, dp, q3.dtype)
-        bwd_dq[(nb, bh)](q3, k3, v3, do3, dq, lse, delta, row_ptr, col_idx, row_order, scale * _LOG2E, scale, t, d,
-                         **meta)
-        bwd_dkv[(nb, bh)](q3, k3, v3, do3, dk, dv, lse, delta, col_ptr, row_idx, col_order, scale * _LOG2E, scale, t, d,
-                          **meta)
-        s = ctx.shape
-        return dq.view(s), dk.view(s), dv.view(s), None, None, None
+
+@_bs_forward.register_fake
+def _(q, k, v, spec, causal, scale):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("autoshard::block_sparse_attention_backward", mutates_args=())
+def _bs_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+                 do: torch.Tensor, spec: str, causal: bool,
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward kernels: ``(dq, dk, dv)`` from the forward's ``out`` and log-sum-exp."""
+    layout = parse_attention(spec)
+    bh, t, d = q.shape
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1)
+    row_ptr, col_idx, col_ptr, row_idx, row_order, col_order = _device_csr(layout, t, causal, str(q.device))
+    nb = row_ptr.numel() - 1
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dp = max(16, next_pow2(d))
+    _, bwd_dq, bwd_dkv = _kernels()
+    meta = _meta(layout, causal, dp, q.dtype)
+    bwd_dq[(nb, bh)](q, k, v, do, dq, lse, delta, row_ptr, col_idx, row_order, scale * _LOG2E, scale, t, d, **meta)
+    bwd_dkv[(nb, bh)](q, k, v, do, dk, dv, lse, delta, col_ptr, row_idx, col_order, scale * _LOG2E, scale, t, d,
+                      **meta)
+    return dq, dk, dv
+
+
+@_bs_backward.register_fake
+def _(q, k, v, o, lse, do, spec, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _bs_setup(ctx, inputs, output) -> None:
+    q, k, v, spec, causal, scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.spec, ctx.causal, ctx.scale = spec, causal, scale
+
+
+def _bs_grad(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bs_backward(q, k, v, o, lse, do, ctx.spec, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None, None
+
+
+_bs_forward.register_autograd(_bs_grad, setup_context=_bs_setup)
 
 
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout | str,
@@ -447,7 +473,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
     if use_triton(q) and q.numel() > 0:
         if q.shape[-1] > 256:
             raise ValueError(f"block-sparse attention: head dim {q.shape[-1]} > 256 is not supported by the kernels")
-        return _BlockSparse.apply(q, k, v, layout, bool(causal), scale)
+        shape, t, d = q.shape, q.shape[-2], q.shape[-1]
+        q3, k3, v3 = (x.reshape(-1, t, d).contiguous() for x in (q, k, v))
+        return _bs_forward(q3, k3, v3, layout.spec(), bool(causal), scale)[0].view(shape)
     return block_sparse_reference(q, k, v, layout, causal, scale)
 
 
