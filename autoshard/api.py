@@ -279,10 +279,9 @@ class ShardedModule(torch.nn.Module):
         self._zero_stage, self._precision, self._offload, self._grad_clip = zero, precision, offload, grad_clip
         self._prefetch = prefetch
         self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
-        # [compiler] the whole step as one program where the plan allows it (see _joint_blocker)
-        self._joint_reason = _joint_blocker(mesh, zero=zero, offload=offload, precision=precision, fuse=fuse,
-                                            checkpointing=activation_checkpointing,
-                                            optimizer=optimizer)
+        # [compiler] the whole step as one program where the plan allows it (see _executor_mode)
+        self._mode, self._joint_reason = _executor_mode(mesh, zero=zero, offload=offload, precision=precision,
+                                                        grad_clip=grad_clip, fuse=fuse, optimizer=optimizer)
         self._joint = None  # passes.compile.StepState, made with the optimizer below
         self._step_programs: dict[tuple, Any] = {}
         self._step_reports: dict[str, Any] = {}
@@ -306,11 +305,12 @@ class ShardedModule(torch.nn.Module):
                 C.register_group(mesh.group(d))
         self._setup_experts(model, capacity_factor)  # [experts] MoE layers; with ep > 1, _dp_key becomes dp × ep
         self._fuse = mesh.device.type == "cuda" if fuse is None else bool(fuse)  # [kernels]
-        if self._joint_reason is None and self._moe:
-            self._joint_reason = "mixture-of-experts layers run through the interpreted MoE runtime"
-        if self._joint_reason is None:
+        if self._mode != "interpreted" and self._moe:
+            self._mode, self._joint_reason = "interpreted", "mixture-of-experts layers run through the interpreted MoE runtime"
+        if self._mode != "interpreted":
             self._fuse = False  # Inductor generates the step's kernels
-            # the step program keeps masters, skips non-finite steps and clips itself; ZeRO 1-2 lay out its buckets
+        if self._mode == "program":
+            # the step program keeps masters, skips non-finite steps and clips itself; ZeRO lays out its buckets
             self._use_zero = zero > 0
         self._fusions: dict = {}  # [kernels] the fusion report of the first program, for the plan
         self._attention, self._attention_report = _parse_attention(attention), {}  # [comm] block-sparse attention
@@ -463,11 +463,15 @@ class ShardedModule(torch.nn.Module):
         self._check_fingerprints()
         if self._zero is not None:
             self.optimizer = self._zero.optimizer  # over this rank's fp32 master slices
-            if self._joint_reason is None:  # [compiler] ZeRO 1-2 buckets, the step run as one program over them
+            if self._mode == "program":  # [compiler] ZeRO buckets, the step run as one program over them
                 from autoshard.passes.compile import make_zero_state
 
                 self._joint = make_zero_state(self._zero, mesh.device)
-        elif self._joint_reason is None:  # [compiler] the user's optimizer over fp32 masters, states in the program
+            elif self._mode == "host-update":  # [compiler] the program reduces into ZeRO's buckets; the host steps
+                from autoshard.passes.compile import make_host_state
+
+                self._joint = make_host_state(self._zero, mesh.device)
+        elif self._mode == "program":  # [compiler] the user's optimizer over fp32 masters, states in the program
             from autoshard.passes.compile import make_state
 
             self._joint = make_state(list(self._params), self._params, self._capture_dtype, optimizer, mesh.device)
@@ -500,10 +504,13 @@ class ShardedModule(torch.nn.Module):
         return "step-program" if self._joint is not None else "interpreted"
 
     def _executor_note(self) -> str:
-        if self._joint_reason is None:
-            how = "Inductor + CUDA graphs" if self.mesh.device.type == "cuda" else "an FX module (uncompiled, CPU)"
+        how = "Inductor + CUDA graphs" if self.mesh.device.type == "cuda" else "an FX module (uncompiled, CPU)"
+        if self._mode == "program":
             return ("executor: the step program — forward, backward, data-parallel reduction and optimizer update "
                     f"as one graph per input signature, run as {how}")
+        if self._mode == "host-update":
+            return ("executor: the step program — forward, backward and data-parallel reduction as one graph per "
+                    f"input signature, run as {how}; the update by the ZeRO memory manager ({self._joint_reason})")
         return f"executor: interpreted (eager backward): {self._joint_reason}"
 
     def _joint_train_step(self, args: tuple, kwargs: dict, target: Any) -> float:
@@ -530,6 +537,8 @@ class ShardedModule(torch.nn.Module):
             self._step_programs[key] = prog
             self._step_reports = report
             C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
+        if self._joint.host_update:
+            return self._host_update_step(prog, args, kwargs, target)
         self._joint.set_lrs()
         if self._guard.enabled:  # [reliability] the ranks' agreement vetoes the update inside the program
             agreed = self._guard.exchange(torch.zeros((), device=self.mesh.device))
@@ -541,10 +550,7 @@ class ShardedModule(torch.nn.Module):
             raise problem  # no update was applied (the veto), on every rank
         stepped = not found
         self._joint.after_step(bool(found))  # fp16: the loss scaler (raises LossScaleError at its minimum)
-        if self._step_reports.get("reduce_bytes"):
-            C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
-        for group_key, nbytes in self._step_reports.get("traced_bytes", {}).items():
-            C.count_bytes(group_key, nbytes)  # the forward and backward collectives of one step, counted when traced
+        self._count_program_bytes()
         self._count_comm()
         overflow = self._joint.scaler is not None and math.isfinite(loss)  # fp16: the scaler's business
         if not stepped and not overflow:
@@ -553,6 +559,28 @@ class ShardedModule(torch.nn.Module):
         self._skipped += not stepped
         self._steps += 1
         return loss
+
+    def _host_update_step(self, prog, args: tuple, kwargs: dict, target: Any) -> float:
+        """[compiler] The program runs forward, backward and the reduction; ZeRO steps as after an eager backward."""
+        self._joint.sync_scale()  # fp16: the tangent is the scaler's current scale
+        self._zero.begin()  # nothing of an earlier step still on the host worker; offload timers reset
+        out = prog(tree_flatten((args, kwargs, target))[0])
+        for i, shard in enumerate(self._joint.grads):
+            self._zero.receive(i, shard)
+        self._count_program_bytes()
+        value, stepped = finish_step(self._zero, self.optimizer, out[0], self._steps, guard=self._guard)
+        self._grad_norm = self._zero.last_grad_norm
+        self._count_comm()
+        self._skipped += not stepped
+        self._steps += 1
+        return value
+
+    def _count_program_bytes(self) -> None:
+        """Count a step program's collectives (the reduction's, and those traced in forward and backward)."""
+        if self._step_reports.get("reduce_bytes"):
+            C.count_bytes(self._dp_key, self._step_reports["reduce_bytes"])
+        for group_key, nbytes in self._step_reports.get("traced_bytes", {}).items():
+            C.count_bytes(group_key, nbytes)
 
     def _bind_compressing_optimizer(self, layouts) -> None:
         """[comm] An optimizer that averages compressed momenta itself (autoshard.optim.OneBitAdam).
@@ -1129,7 +1157,7 @@ class ShardedModule(torch.nn.Module):
             "pp_comm_bytes": self._last_comm.get("pp", 0.0),
             "pp_peak_inflight": self._last_inflight,
             "loss_scale": self._scaler().scale if self._scaler() is not None else 1.0,
-            "grad_norm": self._zero.last_grad_norm if self._zero is not None and self._joint is None else self._grad_norm,
+            "grad_norm": self._zero.last_grad_norm if self._zero is not None and self._mode != "program" else self._grad_norm,
             **self._offload_stats(),
             "steps": self._steps,
             "skipped_steps": self._skipped,
@@ -1238,38 +1266,50 @@ class ShardedModule(torch.nn.Module):
                 "ep_comm_bytes": self._last_comm.get("ep", 0.0)}
 
 
-def _joint_blocker(mesh: Mesh, *, zero: int, offload: str | None, precision: str, fuse: bool | None,
-                   checkpointing: Any, optimizer: Any) -> str | None:
-    """Why this plan cannot run as a step program yet (``None``: it can). [compiler]
+def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str, grad_clip: float | None,
+                   fuse: bool | None, optimizer: Any) -> tuple[str, str | None]:
+    """How this plan's training step runs, and why not more of it in the graph. [compiler]
 
-    ``AUTOSHARD_EXECUTOR=interpreted`` forces the interpreted executor (eager backward) for any plan.
+    ``("program", None)``: forward, backward, reduction and update as one step program.
+    ``("host-update", why)``: the step program ends at the reduced gradients and the ZeRO memory manager
+    (runtime/zero.py) steps on the host: CPU offload, or an optimizer with no in-graph update under a
+    plan that ZeRO manages anyway (zero, bf16/fp16, offload or grad_clip).
+    ``("interpreted", why)``: the eager executor. ``AUTOSHARD_EXECUTOR=interpreted`` forces it for any plan.
     """
     import os
 
     forced = os.environ.get("AUTOSHARD_EXECUTOR", "auto").strip().lower()
     if forced == "interpreted":
-        return "AUTOSHARD_EXECUTOR=interpreted"
+        return "interpreted", "AUTOSHARD_EXECUTOR=interpreted"
     checks = [
         (mesh.virtual, "a virtual mesh has no processes to run it"),
         (optimizer is None, "no optimizer (forward only)"),
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
-        (offload is not None, "offload runs on the host"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
+        (offload == "params" or (offload is not None and zero == 3),
+         "offload with zero=3 keeps the masters in host memory, which the program cannot gather from yet"),
     ]
     for bad, why in checks:
         if bad:
-            return why
+            return "interpreted", why
+    if _compressing(optimizer):
+        return "interpreted", "1-bit Adam averages compressed momenta itself (the interpreted executor's hooks)"
+    managed = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
+    if offload is not None:
+        return "host-update", "offload='optimizer': the optimizer steps in host memory"
     from autoshard.passes.optimizer import Unsupported, optimizer_spec
 
     try:
         probe = torch.nn.Parameter(torch.zeros(1, device=mesh.device))
         optimizer_spec(optimizer([probe]), [probe])
     except Unsupported as e:
-        return str(e)
+        if managed:
+            return "host-update", f"{e}; it steps on the host"
+        return "interpreted", str(e)
     except Exception:  # noqa: BLE001 - a factory that cannot take one probe parameter
-        return "the optimizer factory could not be probed"
-    return None
+        return "interpreted", "the optimizer factory could not be probed"
+    return "program", None
 
 
 def _compressing(factory) -> bool:

@@ -720,9 +720,19 @@ def loss_tolerance(records: list[dict[str, Any]]) -> float:
     return 1e-5 if on_cpu(records) else 2e-2
 
 
-def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
-    """The records as a table (rich text, or Markdown), with each system's ratio to the best peer."""
-    best = max((r["tok_s_gpu"] for r in records if r.get("tok_s_gpu") and is_peer(r["system"])), default=None)
+def peer_best(records: list[dict[str, Any]]) -> dict[tuple, float]:
+    """The best peer's tokens/s/GPU of each job (see :func:`job`)."""
+    best: dict[tuple, float] = {}
+    for r in records:
+        if r.get("tok_s_gpu") and is_peer(r["system"]):
+            best[job(r)] = max(best.get(job(r), 0.0), r["tok_s_gpu"])
+    return best
+
+
+def table(records: list[dict[str, Any]], markdown: bool = False, best_of: dict[tuple, float] | None = None) -> str:
+    """The records as a table (rich text, or Markdown), with each system's ratio to the best peer of the
+    same job (timings compare only within one job on one machine; no peer in its job: no ratio)."""
+    best_of = peer_best(records) if best_of is None else best_of
     head = ["system", "plan", "tok/s/GPU", "MFU", "peak GiB", "× best peer", "loss@1"]
     cpu = on_cpu(records)  # CPU rates are not performance figures: no MFU, no ratio, per rank
     if cpu:
@@ -736,6 +746,7 @@ def table(records: list[dict[str, Any]], markdown: bool = False) -> str:
         if cpu:
             rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", peak, f"{r['loss_step1']:.5f}"])
             continue
+        best = best_of.get(job(r))
         rows.append([r["system"], r["plan"], f"{r['tok_s_gpu']:,.0f}", f"{100 * r['mfu']:.1f}%", peak,
                      f"{r['tok_s_gpu'] / best:.2f}" if best else "-", f"{r['loss_step1']:.5f}"])
     if markdown:  # with each row's commit: a report may join runs of several commits
@@ -790,12 +801,20 @@ def append_results(path: str, records: list[dict[str, Any]]) -> None:
     os.replace(tmp, path)
 
 
+def job(r: dict[str, Any]) -> tuple:
+    """The job a record came from, as far as records tell: its date and commit (one job per machine)."""
+    return r.get("date"), r.get("commit")
+
+
+def _group(r: dict[str, Any]) -> tuple[str, int, str, int]:
+    return r["model"], int(r.get("gpus", 1)), r["device"], int(r.get("seq") or 0)
+
+
 def latest_runs(records: list[dict[str, Any]]) -> dict[tuple[str, int, str, int], list[dict[str, Any]]]:
     """The newest record of each system, grouped by (model, gpus, device, seq); later records win."""
     groups: dict[tuple[str, int, str, int], dict[str, dict[str, Any]]] = {}
     for r in records:
-        key = (r["model"], int(r.get("gpus", 1)), r["device"], int(r.get("seq") or 0))
-        groups.setdefault(key, {})[r["system"]] = r
+        groups.setdefault(_group(r), {})[r["system"]] = r
     return {k: list(v.values()) for k, v in groups.items()}
 
 
@@ -806,16 +825,21 @@ def _title(model: str, gpus: int, device: str, seq: int) -> str:
 def report(records: list[dict[str, Any]]) -> str:
     """Markdown: one table per (model, GPUs, device) with the latest figure of each system."""
     out = []
+    order = {id(r): i for i, r in enumerate(records)}  # later in the file = later run
     for key, rows in sorted(latest_runs(records).items()):
-        s = summarize(rows)
-        meta = rows[0]
-        head = f"**{_title(*key)}**, torch {meta['torch']}, {meta['date']}"
-        if s["ratio"] and not on_cpu(rows):
-            head += f": best autoshard ({s['best_autoshard']}) = {s['ratio']:.2f}× the best peer ({s['best_peer']})"
+        dates = sorted({r["date"] for r in rows})
+        head = f"**{_title(*key)}**, torch {rows[-1]['torch']}, {' to '.join(dict.fromkeys((dates[0], dates[-1])))}"
+        jobs = [[r for r in rows if job(r) == j] for j in dict.fromkeys(job(r) for r in rows)]
+        both = [js for js in jobs if summarize(js)["ratio"]]  # jobs that ran a peer and autoshard
+        if both and not on_cpu(rows):
+            newest = max(both, key=lambda js: max(order[id(r)] for r in js))
+            s = summarize(newest)
+            head += (f": best autoshard ({s['best_autoshard']}) = {s['ratio']:.2f}× the best peer ({s['best_peer']}) "
+                     f"in the job of {newest[0]['date']} at {newest[0].get('commit', '?')}")
         out += [head, ""]
         if on_cpu(rows):
             out += [f"({CPU_NOTE}.)", ""]
-        out += [table(rows, markdown=True), ""]
+        out += [table(rows, markdown=True, best_of=peer_best([r for r in records if _group(r) == key])), ""]
     return "\n".join(out)
 
 

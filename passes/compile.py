@@ -58,6 +58,8 @@ class StepState:
     zero: Any = None  # runtime.zero.ZeroOptimizer (stages 1-2): masters are its buckets' fp32 shards
     scaler: Any = None  # fp16: runtime.zero.DynamicLossScaler, updated on the host from the step's verdict
     scale: torch.Tensor | None = None  # fp16: the loss scale the program multiplies the tangent by
+    host_update: bool = False  # the program ends at the reduced gradients; ``zero`` steps on the host
+    grads: list[torch.Tensor] = field(default_factory=list)  # host_update: each bucket's reduced fp32 shard
 
     @property
     def separate_masters(self) -> bool:
@@ -68,6 +70,8 @@ class StepState:
 
     def set_lrs(self) -> None:
         """Copy each group's learning rate into its device scalar (only when it changed: no launch otherwise)."""
+        if self.host_update:  # the host's optimizer reads its own groups
+            return
         for i, g in enumerate(self.optimizer.param_groups):
             lr = float(g["lr"])
             if self._lr_values[i] != lr:
@@ -89,6 +93,8 @@ class StepState:
 
     def expose(self) -> None:
         """Point ``optimizer.state`` at the program's tensors (torch.optim's keys)."""
+        if self.host_update:  # the optimizer keeps its own states
+            return
         for i, m in enumerate(self.masters):
             st: dict[str, Any] = {k: self.states[j][i] for j, k in enumerate(self.spec.state_keys)}
             if self.spec.kind != "sgd":
@@ -98,6 +104,8 @@ class StepState:
     @torch.no_grad()
     def absorb(self) -> None:
         """Copy values someone put into ``optimizer.state`` (a checkpoint load) into the program's tensors."""
+        if self.host_update:
+            return
         for i, m in enumerate(self.masters):
             st = self.optimizer.state.get(m, {})
             if not st:  # cleared (a fresh optimizer for this parameter): zero states, step 0
@@ -167,6 +175,20 @@ def make_zero_state(zero: Any, device: torch.device) -> StepState:
     if zero.scaler is not None:  # fp16: ZeRO's own scaler, so checkpoints keep saving it
         _with_scaler(state, zero.scaler, device)
     state.expose()
+    return state
+
+
+def make_host_state(zero: Any, device: torch.device) -> StepState:
+    """The program's view of a ZeRO layout whose update stays on the host (offload, or an optimizer
+    with no in-graph update): the program reduces each bucket's gradient into a buffer of this rank's
+    shard; ``zero.receive`` and ``zero.step`` do the rest, as after an eager backward."""
+    masters = [b.master for b in zero.zbuckets]
+    grads = [torch.zeros(b.shard, dtype=torch.float32, device=device) for b in zero.zbuckets]
+    state = StepState([f"bucket{i}" for i in range(len(masters))], list(masters), list(masters), zero.optimizer,
+                      None, [], [], [], [], torch.zeros((), dtype=torch.bool, device=device), zero=zero,
+                      host_update=True, grads=grads)
+    if zero.scaler is not None:  # the tangent is the scale; zero.step unscales and updates the scaler
+        _with_scaler(state, zero.scaler, device)
     return state
 
 
@@ -256,7 +278,8 @@ def _lower(gm, report: dict[str, Any], tensors: list[Any], slots: list[int], dev
 
 def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tuple, kwargs: dict, target: Any, *,
                dp_group: str | None, dp_size: int, norm_group: str | None, grad_clip: float | None):
-    """The ZeRO stage 1-2 step graph over ``state.zero``'s buckets, and the program's tensors in its order."""
+    """The ZeRO step graph over ``state.zero``'s buckets (any stage; the update in the graph or, with
+    ``state.host_update``, left to the host), and the program's tensors in its order."""
     zero = state.zero
     index = {name: i for i, name in enumerate(joint.params)}
     buckets = []
@@ -265,14 +288,18 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
         if missing:
             raise Unsupported(f"ZeRO bucket parameters {missing[:3]} are not in this signature's joint graph")
         weighted = b.grad_weight is not None
+        whole = zero.stage == 0  # every rank holds the whole bucket: all-reduce
+        group = dp_group if b.parts > 1 or (whole and dp_size > 1) else None
         buckets.append(ShardedBucket([index[n] for n in b.names], list(b.offsets), b.padded, b.shard,
-                                     dp_group if b.parts > 1 else None, b.parts, zero.divisor, weighted,
-                                     b.norm_scale))
+                                     group, dp_size if whole else b.parts, zero.divisor, weighted,
+                                     b.norm_scale, whole=whole))
     in_bucket = {i for bk in buckets for i in bk.members}
     loose = [i for i in range(len(joint.params)) if i not in in_bucket]
     gathered = zero.stage == 3  # the program gathers each bucket from the masters where it is used
-    layout = ZeroLayout(buckets, loose, len(joint.buffers), joint.num_inputs, state.spec.state_keys,
-                        len(state.spec.groups), loss_scaling=state.scaler is not None, gathered=gathered)
+    host = state.host_update
+    layout = ZeroLayout(buckets, loose, len(joint.buffers), joint.num_inputs, () if host else state.spec.state_keys,
+                        0 if host else len(state.spec.groups), loss_scaling=state.scaler is not None,
+                        gathered=gathered, host_update=host)
     inputs = joint.flat_inputs(args, kwargs, target)
     tensors: list[Any] = ([] if gathered else [b.flat for b in zero.zbuckets]) + list(state.masters)
     tensors += [b.grad_weight for b in zero.zbuckets if b.grad_weight is not None]
@@ -280,7 +307,10 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     tensors += [forward_graph.get_buffer(b) for b in joint.buffers]
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
-    tensors += [t for s in state.states for t in s] + list(state.steps) + list(state.lrs) + [state.veto]
+    if host:
+        tensors += list(state.grads)
+    else:
+        tensors += [t for s in state.states for t in s] + list(state.steps) + list(state.lrs) + [state.veto]
     tensors += [state.scale] if state.scaler is not None else []
     example = list(tensors)
     for s, x in zip(slots, inputs):
@@ -291,4 +321,4 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     return gm, report, tensors, slots
 
 
-__all__ = ["StepState", "Unsupported", "compile_step", "make_state", "make_zero_state"]
+__all__ = ["StepState", "Unsupported", "compile_step", "make_host_state", "make_state", "make_zero_state"]

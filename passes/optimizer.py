@@ -208,12 +208,15 @@ class ShardedBucket:
     divisor: int  # gradients are summed over the group and divided by this
     weighted: bool  # a per-element norm weight (1/replication) is a graph input
     norm_scale: float = 1.0  # otherwise every element's weight
+    whole: bool = False  # ZeRO stage 0: every rank holds the whole bucket; gradients are all-reduced
 
     def reduce_bytes(self, flat_itemsize: int, gathers: int = 1) -> float:
         """Bytes this rank sends per step: the gradient reduce-scatter (fp32) and ``gathers`` parameter
-        all-gathers (one at stages 1-2; forward and backward at stage 3)."""
+        all-gathers (one at stages 1-2; forward and backward at stage 3); stage 0 all-reduces."""
         if self.group_name is None or self.size <= 1:
             return 0.0
+        if self.whole:
+            return 2 * (self.size - 1) / self.size * self.padded * 4
         return (self.size - 1) / self.size * self.padded * (4 + gathers * flat_itemsize)
 
 
@@ -224,6 +227,9 @@ class ZeroLayout:
         flats, masters, norm weights (weighted buckets), loose parameters (in no bucket), buffers,
         inputs, states (per key, per bucket), step counters (per bucket), learning rates, veto,
         the loss scale (fp16)
+
+    With ``host_update`` the update is not in the graph: after the inputs come one fp32 gradient
+    buffer per bucket (this rank's shard, written by the program), then the loss scale (fp16).
     """
 
     buckets: list[ShardedBucket]
@@ -234,6 +240,7 @@ class ZeroLayout:
     num_groups: int
     loss_scaling: bool = False  # fp16: the loss scale is the last input
     gathered: bool = False  # ZeRO-3: no flat inputs; the program gathers each bucket from the masters
+    host_update: bool = False  # the program ends with the reduced gradient shards; the host steps
 
     @property
     def num_flats(self) -> int:
@@ -241,9 +248,10 @@ class ZeroLayout:
 
     def count(self) -> int:
         nb = len(self.buckets)
-        weights = sum(b.weighted for b in self.buckets)
-        return (self.num_flats + nb + weights + len(self.loose) + self.num_buffers + self.num_inputs
-                + nb * (len(self.state_keys) + 1) + self.num_groups + 1 + int(self.loss_scaling))
+        head = self.first_input() + self.num_inputs
+        if self.host_update:
+            return head + nb + int(self.loss_scaling)
+        return head + nb * (len(self.state_keys) + 1) + self.num_groups + 1 + int(self.loss_scaling)
 
     def first_input(self) -> int:
         """Index of the first user input (the runtime puts the batch there)."""
@@ -251,7 +259,7 @@ class ZeroLayout:
         return self.num_flats + nb + sum(b.weighted for b in self.buckets) + len(self.loose) + self.num_buffers
 
 
-def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLayout, *,
+def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec | None, layout: ZeroLayout, *,
                           loss_group: str | None, loss_size: int, norm_group: str | None,
                           grad_clip: float | None, example: list[Any],
                           compute_dtype: torch.dtype = torch.float32) -> tuple[GraphModule, dict[str, Any]]:
@@ -260,7 +268,10 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
 
     Inside one program the stages coincide: a gradient lives only as long as the graph needs it, so
     stage 1 holds no more gradient memory than stage 2 (both reduce-scatter). ``spec`` has one entry per
-    bucket (the user's optimizer is built over the buckets' masters). Returns the graph and a report.
+    bucket (the user's optimizer is built over the buckets' masters). Stage 3 (``layout.gathered``)
+    gathers each bucket from the masters inside the graph; stage 0 (buckets marked ``whole``) all-reduces.
+    With ``layout.host_update`` the graph ends with the reduced shards written into their buffers
+    (``spec`` is then unused). Returns the graph and a report.
     """
     count = layout.count()
     if len(example) != count:
@@ -283,6 +294,8 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
         weights = [next(it) if b.weighted else None for b in layout.buckets]
         for _ in range(len(layout.loose) + layout.num_buffers + layout.num_inputs):
             next(it)
+        if layout.host_update:
+            return _host_tail(it, flat[count:])
         states = [[next(it) for _ in range(nb)] for _ in layout.state_keys]
         steps = [next(it) for _ in range(nb)]
         lrs = [next(it) for _ in range(layout.num_groups)]
@@ -308,6 +321,18 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
             if not layout.gathered:  # ZeRO-3: the next step gathers the new masters where it needs them
                 flats[j].copy_(_all_gather(b, masters[j].to(flats[j].dtype)))
         return torch.stack([loss, found.float(), sumsq.sqrt()])
+
+    def _host_tail(it, joint_values):
+        """Reduce, write each shard into its buffer; unscaling, the checks and the update are the host's."""
+        buffers = [next(it) for _ in range(nb)]
+        loss = joint_values[0].float()
+        grads = {i: joint_values[1 + k] for k, i in enumerate(present)}
+        for j, b in enumerate(layout.buckets):
+            buffers[j].copy_(_reduce_scatter(b, grads, shapes, loss.device))
+        if loss_group is not None and loss_size > 1:
+            loss = _all_reduce_sum(loss, loss_group) / loss_size
+        zero = torch.zeros((), device=loss.device)
+        return torch.stack([loss, zero, zero])
 
     wanted = [joint_out[0]] + [joint_out[1 + joint.grads[i]] for i in present]
     where: dict[int, tuple[int, int]] = {}
@@ -342,7 +367,8 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec, layout: ZeroLa
 
     gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted, layout.loss_scaling)
     itemsize = torch.empty((), dtype=compute_dtype).element_size()
-    reduce = sum(b.reduce_bytes(itemsize, 2 if layout.gathered else 1) for b in layout.buckets)
+    gathers = 2 if layout.gathered else (0 if layout.host_update else 1)  # host_update: the host all-gathers
+    reduce = sum(b.reduce_bytes(itemsize, gathers) for b in layout.buckets)
     if loss_group is not None and loss_size > 1:
         reduce += 2 * (loss_size - 1) / loss_size * 4
     return gm, {"collectives": _collectives(gm), "reduce_bytes": reduce}
@@ -384,12 +410,14 @@ def _reduce_scatter(b: ShardedBucket, grads: dict[int, torch.Tensor], shapes: di
     if b.group_name is None or b.size <= 1:
         return flat
     ops = torch.ops._c10d_functional
+    if b.whole:
+        return ops.wait_tensor(ops.all_reduce(flat, "sum", b.group_name))
     return ops.wait_tensor(ops.reduce_scatter_tensor(flat, "sum", b.size, b.group_name))
 
 
 def _all_gather(b: ShardedBucket, shard: torch.Tensor) -> torch.Tensor:
     """Every rank's updated shard, concatenated: the bucket's new flat compute buffer (a graph node)."""
-    if b.group_name is None or b.size <= 1:
+    if b.group_name is None or b.size <= 1 or b.whole:
         return shard
     ops = torch.ops._c10d_functional
     return ops.wait_tensor(ops.all_gather_into_tensor(shard.contiguous(), b.size, b.group_name))

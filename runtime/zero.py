@@ -438,6 +438,17 @@ class ZeroOptimizer(GradientSync):
         b = self.zbuckets[i]
         if self.stage < 2:
             payload = payload[b.part * b.shard:(b.part + 1) * b.shard]
+        self.receive(i, payload)
+
+    def receive(self, i: int, shard: torch.Tensor) -> None:
+        """Bucket ``i``'s reduced fp32 gradient, this rank's shard of it, becomes its master's gradient.
+
+        Called when the bucket's reduction completes: by the backward hooks, or by a step program that
+        reduced the gradients in its graph and left the update to this optimizer. With offload it is
+        copied to host memory (the overlapped pipeline starts its unscale and norm pass there).
+        """
+        b = self.zbuckets[i]
+        payload = shard
         if not self.overlap:
             b.master.grad = payload.to(b.master.device, non_blocking=True)
             return

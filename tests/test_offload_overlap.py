@@ -5,6 +5,11 @@ a worker thread during backward (unscale and norm pass) and steps the buckets th
 other, while the calling thread uploads and all-gathers those already stepped. It must compute
 exactly what the serial path (``offload_overlap=False``) computes, and what the unmodified model
 computes (contract 1). One 2-rank launch (Gloo, CPU) for the module.
+
+At ZeRO 1-2 these plans run as a step program that ends at the reduced gradients (the update stays on
+the host: ``executor`` "step-program", the plan's note says "the update by the ZeRO memory manager");
+the buckets then reach the worker after the program, not during an eager backward, which the
+interpreted executor still does (``AUTOSHARD_EXECUTOR=interpreted``) and one test checks.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import torch
 import autoshard
 from autoshard.runtime.checkpoint import read_manifest
 from autoshard.runtime.zero import BucketOptimizers
-from parity import STEPS, InfGrad, batch, check, inputs, make_model, make_optimizer, reference, rel
+from parity import STEPS, FlagGrad, batch, check, inputs, make_model, make_optimizer, reference, rel
 
 pytestmark = pytest.mark.slow
 
@@ -64,9 +69,14 @@ def _train(sm, rows: slice, steps: range) -> list[float]:
     return [sm.train_step(*inputs("gpt", batch(s)[rows])[:2]) for s in steps]
 
 
-def _case(opt: str, options: dict, overlap: bool) -> dict:
+def _case(opt: str, options: dict, overlap: bool, interpreted: bool = False) -> dict:
     threads: list[str] = []
-    sm, rows = _build(opt, options, overlap, threads=threads)
+    if interpreted:
+        os.environ["AUTOSHARD_EXECUTOR"] = "interpreted"
+    try:
+        sm, rows = _build(opt, options, overlap, threads=threads)
+    finally:
+        os.environ.pop("AUTOSHARD_EXECUTOR", None)
     z = sm._zero
     during_backward = []  # per bucket handed over: was autograd still running?
     complete = z._complete
@@ -79,28 +89,29 @@ def _case(opt: str, options: dict, overlap: bool) -> dict:
     losses = _train(sm, rows, range(STEPS))
     out = {"losses": losses, "state": sm.full_state_dict(), "stats": sm.stats(), "buckets": len(z.zbuckets),
            "threads": sorted(set(threads)), "updates": len(threads), "during_backward": during_backward,
-           "explain": sm.plan.explain(), "plan_zero": dict(sm.plan.zero)}
+           "explain": sm.plan.explain(), "plan_zero": dict(sm.plan.zero), "executor": sm.executor}
     sm.close()
     return out
 
 
 def _fp16(overlap: bool) -> dict:
     """The fp16 scaler with injected infinite gradients, as tests/test_zero.py, under offload."""
-    poison = {"on": False}
 
     def loss_fn(out, target):
+        tokens, poison = target  # a flag in the data, not a Python switch: the step program traces the loss once
         logits = out.float()
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, out.shape[-1]), target[:, 1:].reshape(-1))
-        return InfGrad.apply(loss) if poison["on"] else loss
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, out.shape[-1]), tokens[:, 1:].reshape(-1))
+        return FlagGrad.apply(loss, poison, float("inf"))
 
     sm, rows = _build("adamw", {"zero": 2, "offload": "optimizer", "precision": "fp16", "bucket_mb": SMALL_BUCKETS},
                       overlap, loss_fn=loss_fn)
     w = sm.local_parameters()["blocks.0.mlp.fc.weight"]
     scales, moved = [], []
     for step in range(5):
-        poison["on"] = step in (1, 2)  # two overflows in a row: hysteresis 2 halves the scale on the second
+        poison = torch.tensor(step in (1, 2))  # two overflows in a row: hysteresis 2 halves the scale on the second
         before = w.detach().clone()
-        _train(sm, rows, range(step, step + 1))
+        inp, tokens, _ = inputs("gpt", batch(step)[rows])
+        sm.train_step(inp, (tokens, poison))
         scales.append(sm.stats()["loss_scale"])
         moved.append(bool((w.detach() != before).any()))
     out = {"scales": scales, "moved": moved, "skipped": sm.stats()["skipped_steps"], "state": sm.full_state_dict()}
@@ -164,6 +175,7 @@ def _scheduled() -> dict:
 def _world(path: str) -> dict:
     return {
         "cases": [{ov: _case(opt, options, ov) for ov in (True, False)} for opt, options in CASES],
+        "interpreted": _case(*CASES[1], True, interpreted=True),
         "fp16": {ov: _fp16(ov) for ov in (True, False)},
         "checkpoint": _checkpoint(path),
         "scheduled": _scheduled(),
@@ -197,6 +209,10 @@ def test_pipeline_matches_model_and_serial_path_bitwise(world, i):
     assert [k for k in on["state"] if not torch.equal(on["state"][k], off["state"][k])] == []
     assert on["plan_zero"]["offload_overlap"] is True and off["plan_zero"]["offload_overlap"] is False
     assert "pipelined per bucket" in on["explain"]
+    # ZeRO 1-2: forward, backward and reduction as a step program, the update on the host (ZeRO-3: interpreted)
+    program = options["zero"] < 3
+    assert on["executor"] == off["executor"] == ("step-program" if program else "interpreted")
+    assert ("the update by the ZeRO memory manager" in on["explain"]) == program
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=[_id(c) for c in CASES])
@@ -210,8 +226,11 @@ def test_pipeline_steps_buckets_on_the_worker(world, i):
 
 
 def test_gradients_reach_the_worker_during_backward(world):
-    on = world["cases"][1][True]  # ZeRO-2, many buckets: the oldest drain while backward still runs
+    on = world["interpreted"]  # ZeRO-2, many buckets, eager backward: the oldest drain while backward still runs
+    assert on["executor"] == "interpreted"
     assert any(on["during_backward"]) and not all(on["during_backward"])  # the last ones drain in finish()
+    check(on, _ref("adamw", 0.5), "adamw")
+    assert world["cases"][1][True]["during_backward"] == []  # the step program hands buckets over after it ran
 
 
 def test_fp16_overflow_skips_and_halves_under_the_pipeline(world):

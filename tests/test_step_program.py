@@ -42,7 +42,7 @@ def _worker(case: str) -> dict:
     opts = {"grad_clip": 0.05} if case.startswith("dp") else {}
     if case == "dp-zero2":
         opts["zero"] = 2
-    opt = "sgd" if case == "tp-sched" else "adamw"
+    opt = {"tp-sched": "sgd", "dp-adagrad": "adagrad"}.get(case, "adamw")
     sm = autoshard.autoshard(make_model(kind), mesh, example_inputs=inp0, loss_fn=loss_fn,
                              optimizer=make_optimizer(opt), **opts)
     sched = torch.optim.lr_scheduler.StepLR(sm.optimizer, step_size=2, gamma=0.5) if case == "tp-sched" else None
@@ -53,14 +53,15 @@ def _worker(case: str) -> dict:
         if sched is not None:
             sched.step()
     return {"losses": losses, "state": sm.full_state_dict(), "stats": sm.stats(), "executor": sm.executor,
-            "collectives": _collective_signature(sm), "rank": mesh.rank, "schedule": sm._step_reports.get("schedule")}
+            "collectives": _collective_signature(sm), "rank": mesh.rank, "schedule": sm._step_reports.get("schedule"),
+            "notes": [n for n in sm.plan.notes if n.startswith("executor")]}
 
 
 def _run(cases):
     return [_worker(c) for c in cases]
 
 
-CASES = ["dp-clip", "tp-sched", "dp-zero2"]
+CASES = ["dp-clip", "tp-sched", "dp-zero2", "dp-adagrad"]
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +107,20 @@ def test_zero2_shards_the_update_inside_the_program(world2):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dp-clip", "dp-zero2"])
+def test_an_update_the_graph_cannot_hold_runs_on_the_host(world2):
+    """Adagrad has no in-graph update; with clipping ZeRO manages the plan (stage 0: whole buckets), so
+    the program ends at the all-reduced gradients and ZeRO clips and steps: the unmodified model's result."""
+    r0, r1 = world2["dp-adagrad"]
+    assert r0["executor"] == r1["executor"] == "step-program"
+    assert "the update by the ZeRO memory manager" in r0["notes"][0] and "Adagrad" in r0["notes"][0]
+    check(r0, reference("llama", "adagrad", grad_clip=0.05), "adagrad")
+    ops = " ".join(r0["collectives"])
+    assert "all_reduce" in ops and "all_gather" not in ops  # the reduction in the graph, no update there
+    assert r0["stats"]["grad_norm"] > 0.05 and r0["stats"]["dp_comm_bytes"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["dp-clip", "dp-zero2", "dp-adagrad"])
 def test_reductions_are_issued_during_backward(world2, case):
     """The scheduling pass (passes/schedule.py): each bucket's reduction is issued as soon as its
     gradients exist, so backward work remains after it (the overlap), in the same order on every rank."""
@@ -145,13 +159,15 @@ def _single(kind="gpt", opt="sgd", **options):
 
 
 def test_plans_it_cannot_run_say_why():
-    sm = _single(zero=1, offload="optimizer")
+    sm = _single(zero=3, offload="optimizer")
     assert sm.executor == "interpreted"
     assert any("executor: interpreted" in n and "offload" in n for n in sm.plan.notes)
-    inp, _, loss_fn = inputs("gpt", batch(0))
-    sm = autoshard.autoshard(make_model("gpt"), autoshard.Mesh(), example_inputs=inp, loss_fn=loss_fn,
-                             optimizer=lambda ps: torch.optim.Adagrad(ps, lr=0.1))
+    sm = _single("gpt", "adagrad")  # no in-graph update, and no ZeRO memory manager to step it on the host
     assert sm.executor == "interpreted" and any("Adagrad" in n for n in sm.plan.notes)
+    for options in ({"zero": 1, "offload": "optimizer"}, {"zero": 1}):  # the update on the host, the rest a program
+        sm = _single("gpt", "adagrad", **options)
+        assert sm.executor == "step-program"
+        assert any("the update by the ZeRO memory manager" in n for n in sm.plan.notes), sm.plan.notes
 
 
 def test_executor_switch(monkeypatch):
