@@ -19,11 +19,12 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it, imported when the name is first read
 _LAZY = {
-    **dict.fromkeys(("AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "Mesh", "MeshError",
+    **dict.fromkeys(("AutoshardError", "CaptureError", "CheckpointError", "Choices", "DesyncError", "Mesh", "MeshError",
                      "ParamPlan", "Plan",
                      "PlanError", "PlanMismatchError", "ScheduleError"), "autoshard.runtime"),
     "ShardedModule": "autoshard.api",
     "autoshard": "autoshard.api",
+    "build": "autoshard.api",
     "backend": "autoshard.backend",
     "set_mesh": "autoshard.backend",
     "launch": "autoshard.launch",
@@ -36,6 +37,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API reference) see
         AutoshardError,
         CaptureError,
         CheckpointError,
+        Choices,
         DesyncError,
         Mesh,
         MeshError,
@@ -46,7 +48,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API reference) see
         ScheduleError,
     )
 
-    from .api import ShardedModule, autoshard
+    from .api import ShardedModule, autoshard, build
     from .backend import backend, set_mesh
     from .launch import launch
 
@@ -84,6 +86,6 @@ def load(path: str, sm: ShardedModule) -> None:
 
 
 __all__ = [
-    "AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
-    "PlanMismatchError", "ShardedModule", "autoshard", "backend", "launch", "load", "set_mesh",
+    "AutoshardError", "CaptureError", "CheckpointError", "Choices", "DesyncError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
+    "PlanMismatchError", "ShardedModule", "autoshard", "backend", "build", "launch", "load", "set_mesh",
 ]

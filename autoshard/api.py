@@ -46,6 +46,7 @@ from autoshard.passes.pipeline_split import split_stages
 from autoshard.passes.tensor_parallel import apply_tensor_parallel, plan_tensor_parallel
 from autoshard.runtime import collectives as C
 from autoshard.runtime import moe as moe_runtime
+from autoshard.runtime.choices import Choices
 from autoshard.runtime.data_parallel import GradientSync, make_buckets
 from autoshard.runtime.errors import CaptureError, PlanError, PlanMismatchError
 from autoshard.runtime.guards import StepGuard, embedding_inputs
@@ -133,27 +134,37 @@ def autoshard(
             ``k`` blocks of each pipeline rank) or a list of block names (``["model.layers.0", ...]``).
             ``plan.checkpointing`` records the blocks; ``plan.memory["activations"]`` counts the saving.
     """
+    choices = Choices(bucket_mb=bucket_mb, schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
+                      split_points=split_points, zero=zero, offload=offload, offload_overlap=offload_overlap,
+                      precision=precision, grad_clip=grad_clip, prefetch=prefetch, capacity_factor=capacity_factor,
+                      fuse=fuse, attention=attention, activation_checkpointing=activation_checkpointing)
+    return build(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, choices=choices)
+
+
+def build(model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs = (), *,
+          loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+          optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+          choices: Choices | None = None) -> ShardedModule:
+    """:func:`autoshard` with its options as one :class:`~autoshard.runtime.choices.Choices` (what
+    ``Mesh.auto()``, the CLI and the bench fill). Bad values fail here, before anything is captured."""
+    choices = (choices or Choices()).validate()
     if getattr(mesh, "is_auto", False):  # Mesh.auto(): the planner chooses degrees and options (autoshard/auto.py)
         from .auto import plan_and_build
 
-        return plan_and_build(autoshard, model, mesh, example_inputs, dict(locals()))
+        return plan_and_build(build, model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, choices=choices)
     try:
-        return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, bucket_mb=bucket_mb,
-                             schedule=schedule, microbatches=microbatches, virtual_stages=virtual_stages,
-                             split_points=split_points, zero=zero, offload=offload,
-                             offload_overlap=offload_overlap, precision=precision, grad_clip=grad_clip,
-                             prefetch=prefetch, capacity_factor=capacity_factor, fuse=fuse, attention=attention,
-                             activation_checkpointing=activation_checkpointing)
+        return ShardedModule(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, choices=choices)
     except CaptureError as e:  # [zoo] no graph: the unmodified module under data parallelism, with a warning
         from .eager import eager_data_parallel
 
-        if activation_checkpointing is not None:
-            raise CaptureError(f"{e}\nactivation_checkpointing={activation_checkpointing!r} rewrites the captured "
+        c = choices
+        if c.activation_checkpointing is not None:
+            raise CaptureError(f"{e}\nactivation_checkpointing={c.activation_checkpointing!r} rewrites the captured "
                                "graph, and this model has none: drop it, or make the model capturable.") from e
 
-        return eager_data_parallel(model, mesh, e, zero=zero, precision=precision, offload=offload,
-                                   offload_overlap=offload_overlap, grad_clip=grad_clip, loss_fn=loss_fn,
-                                   optimizer=optimizer, bucket_mb=bucket_mb)
+        return eager_data_parallel(model, mesh, e, zero=c.zero, precision=c.precision, offload=c.offload,
+                                   offload_overlap=c.offload_overlap, grad_clip=c.grad_clip, loss_fn=loss_fn,
+                                   optimizer=optimizer, bucket_mb=c.bucket_mb)
 
 
 def _parse_attention(attention: str | None):
@@ -251,31 +262,18 @@ class ShardedModule(torch.nn.Module):
     """One rank's share of a model sharded by autoshard. Train with :meth:`train_step`."""
 
     def __init__(self, model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs, *, loss_fn=None,
-                 optimizer=None, bucket_mb: float = 25.0, schedule: str = "1f1b", microbatches: int | None = None,
-                 virtual_stages: int = 1, split_points: list[str] | None = None, zero: int = 0,
-                 offload: str | None = None, precision: str = "fp32", grad_clip: float | None = None,
-                 prefetch: int = 1, capacity_factor: float | None = None, fuse: bool | None = None,
-                 attention: str | None = None, activation_checkpointing: None | str | int | list[str] = None,
-                 offload_overlap: bool = True) -> None:
+                 optimizer=None, choices: Choices | None = None) -> None:
         super().__init__()
         t_start = time.perf_counter()
         self._times: dict[str, float] = {}  # setup_times(): where the first step's time went
+        self.choices = c = (choices or Choices()).validate()
+        bucket_mb, schedule, microbatches, virtual_stages = c.bucket_mb, c.schedule, c.microbatches, c.virtual_stages
+        split_points, zero, offload, offload_overlap = c.split_points, c.zero, c.offload, c.offload_overlap
+        precision, grad_clip, prefetch, capacity_factor = c.precision, c.grad_clip, c.prefetch, c.capacity_factor
+        fuse, attention, activation_checkpointing = c.fuse, c.attention, c.activation_checkpointing
         self._ckpt_spec = parse_spec(activation_checkpointing)  # bad values: PlanError before any capture
         self._ckpt_stages: list[list[int]] | None = None  # blocks each stage checkpoints (decided once)
         self._ckpt_record: dict[str, Any] = {}
-        if zero not in (0, 1, 2, 3):
-            raise PlanError(f"zero={zero!r}: choose 0 (none), 1 (optimizer states), 2 (+ gradients) or 3 (+ parameters)")
-        if precision not in DTYPES:
-            raise PlanError(f"precision={precision!r}: choose one of {', '.join(DTYPES)}")
-        if offload not in (None, "optimizer", "params"):
-            raise PlanError(f"offload={offload!r}: choose None, 'optimizer' or 'params'")
-        if offload == "params" and zero != 3:
-            raise PlanError("offload='params' keeps each rank's parameter slices in CPU memory, which needs "
-                            "partitioned parameters: use zero=3 (or offload='optimizer')")
-        if not isinstance(prefetch, int) or prefetch < 0:
-            raise PlanError(f"prefetch={prefetch!r} must be a non-negative integer (buckets gathered ahead)")
-        if grad_clip is not None and not grad_clip > 0:
-            raise PlanError(f"grad_clip={grad_clip!r} must be a positive number (the maximum global gradient norm)")
         self._zero_stage, self._precision, self._offload, self._grad_clip = zero, precision, offload, grad_clip
         self._prefetch = prefetch
         self._use_zero = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
@@ -454,6 +452,7 @@ class ShardedModule(torch.nn.Module):
             fusions=self._fusions,
             attention=self._attention_report,
             checkpointing=self._ckpt_record,
+            choices=c.to_dict(),
             estimates={
                 "param_bytes_per_rank": float(sum(nbytes.values())),
                 "param_bytes_total": float(sum(math.prod(lay.shape) * 4 for lay in layouts.values())),
@@ -482,6 +481,10 @@ class ShardedModule(torch.nn.Module):
                     self._bind(prog, list(self._tp_plan.layouts))
         else:
             self.optimizer = optimizer(list(self._params.values())) if optimizer is not None else None
+            if self._mode == "host-update":  # [compiler] the program reduces into .grad buffers; the host steps
+                from autoshard.passes.compile import make_grad_state
+
+                self._joint = make_grad_state(list(self._params), self._params, self.optimizer, mesh.device)
         self._bind_compressing_optimizer(layouts)
         self._times["plan_s"] = time.perf_counter() - t_start - self._times["capture_s"]
 
@@ -509,8 +512,9 @@ class ShardedModule(torch.nn.Module):
             return ("executor: the step program — forward, backward, data-parallel reduction and optimizer update "
                     f"as one graph per input signature, run as {how}")
         if self._mode == "host-update":
+            who = "the ZeRO memory manager" if self._use_zero else "the optimizer over the parameters' .grad"
             return ("executor: the step program — forward, backward and data-parallel reduction as one graph per "
-                    f"input signature, run as {how}; the update by the ZeRO memory manager ({self._joint_reason})")
+                    f"input signature, run as {how}; the update by {who} ({self._joint_reason})")
         return f"executor: interpreted (eager backward): {self._joint_reason}"
 
     def _joint_train_step(self, args: tuple, kwargs: dict, target: Any) -> float:
@@ -561,15 +565,21 @@ class ShardedModule(torch.nn.Module):
         return loss
 
     def _host_update_step(self, prog, args: tuple, kwargs: dict, target: Any) -> float:
-        """[compiler] The program runs forward, backward and the reduction; ZeRO steps as after an eager backward."""
+        """[compiler] The program runs forward, backward and the reduction; the optimizer (ZeRO's, or the
+        user's over the parameters) steps as after an eager backward."""
         self._joint.sync_scale()  # fp16: the tangent is the scaler's current scale
-        self._zero.begin()  # nothing of an earlier step still on the host worker; offload timers reset
+        if self._zero is not None:
+            self._zero.begin()  # nothing of an earlier step still on the host worker; offload timers reset
         out = prog(tree_flatten((args, kwargs, target))[0])
-        for i, shard in enumerate(self._joint.grads):
-            self._zero.receive(i, shard)
+        if self._zero is not None:
+            for i, shard in enumerate(self._joint.grads):
+                self._zero.receive(i, shard)
+        else:
+            for i in self._step_reports["written"]:
+                self._joint.params[i].grad = self._joint.grads[i]
         self._count_program_bytes()
         value, stepped = finish_step(self._zero, self.optimizer, out[0], self._steps, guard=self._guard)
-        self._grad_norm = self._zero.last_grad_norm
+        self._grad_norm = self._zero.last_grad_norm if self._zero is not None else float("nan")
         self._count_comm()
         self._skipped += not stepped
         self._steps += 1
@@ -1271,9 +1281,9 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
     """How this plan's training step runs, and why not more of it in the graph. [compiler]
 
     ``("program", None)``: forward, backward, reduction and update as one step program.
-    ``("host-update", why)``: the step program ends at the reduced gradients and the ZeRO memory manager
-    (runtime/zero.py) steps on the host: CPU offload, or an optimizer with no in-graph update under a
-    plan that ZeRO manages anyway (zero, bf16/fp16, offload or grad_clip).
+    ``("host-update", why)``: the step program ends at the reduced gradients and the optimizer steps on
+    the host: CPU offload, or an optimizer with no in-graph update (over ZeRO's flat masters where ZeRO
+    manages the plan: zero > 0, bf16/fp16, offload or grad_clip; else over the parameters themselves).
     ``("interpreted", why)``: the eager executor. ``AUTOSHARD_EXECUTOR=interpreted`` forces it for any plan.
     """
     import os
@@ -1295,7 +1305,6 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
             return "interpreted", why
     if _compressing(optimizer):
         return "interpreted", "1-bit Adam averages compressed momenta itself (the interpreted executor's hooks)"
-    managed = zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None
     if offload is not None:
         return "host-update", "offload='optimizer': the optimizer steps in host memory"
     from autoshard.passes.optimizer import Unsupported, optimizer_spec
@@ -1303,10 +1312,8 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
     try:
         probe = torch.nn.Parameter(torch.zeros(1, device=mesh.device))
         optimizer_spec(optimizer([probe]), [probe])
-    except Unsupported as e:
-        if managed:
-            return "host-update", f"{e}; it steps on the host"
-        return "interpreted", str(e)
+    except Unsupported as e:  # the user's optimizer steps on the host: over ZeRO's flat masters where ZeRO
+        return "host-update", f"{e}; it steps on the host"  # manages the plan, else over the parameters
     except Exception:  # noqa: BLE001 - a factory that cannot take one probe parameter
         return "interpreted", "the optimizer factory could not be probed"
     return "program", None

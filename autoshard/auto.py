@@ -27,6 +27,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from autoshard.passes import cost_model
 from autoshard.passes.planner import AutoPlan, gib, plan, runtime_space
+from autoshard.runtime.choices import Choices
 from autoshard.runtime.errors import PlanError
 from autoshard.runtime.hardware import AutoMesh, detect_profile, get_profile
 from autoshard.runtime.mesh import Mesh
@@ -162,21 +163,15 @@ def attach(sm: Any, decision: AutoPlan) -> None:
     sm.plan.estimates["planner_memory_per_gpu_bytes"] = float(decision.memory_per_gpu_bytes)
 
 
-def plan_and_build(build: Any, model: torch.nn.Module, auto: AutoMesh, example_inputs: Any,
-                   arguments: dict[str, Any]) -> Any:
-    """What ``autoshard(model, Mesh.auto(), ...)`` does: plan, then ``build`` (``autoshard``) on the real mesh.
+def plan_and_build(build: Any, model: torch.nn.Module, auto: AutoMesh, example_inputs: Any, *, loss_fn: Any,
+                   optimizer: Any, choices: Choices) -> Any:
+    """What ``autoshard(model, Mesh.auto(), ...)`` does: plan, then ``build`` (``api.build``) on the real mesh.
 
-    ``arguments`` are ``autoshard``'s own keyword arguments (its ``locals()``); the planner's choices
-    replace those left at their defaults.
+    The planner's choices replace those of ``choices`` left at their defaults (see the module docstring).
     """
-    import inspect
-
-    accepted = set(inspect.signature(build).parameters) - {"model", "mesh", "example_inputs"}
-    options = {k: v for k, v in arguments.items() if k in accepted}
-    pinned = {k: options[k] for k in _DEFAULTS if k in options}
-    mesh, local, chosen, decision = resolve(auto, model, example_inputs, precision=options.get("precision", "fp32"),
-                                            loss_fn=options.get("loss_fn"), **pinned)
-    options.update(chosen)
-    sm = build(model, mesh, local, **options)
+    pinned = {k: v for k, v in choices.pinned().items() if k in _DEFAULTS}
+    mesh, local, chosen, decision = resolve(auto, model, example_inputs, precision=choices.precision,
+                                            loss_fn=loss_fn, **pinned)
+    sm = build(model, mesh, local, loss_fn=loss_fn, optimizer=optimizer, choices=choices.replace(**chosen))
     attach(sm, decision)
     return sm

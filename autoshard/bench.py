@@ -510,18 +510,16 @@ def _setup_autoshard(ctx: _Ctx, opts: dict[str, Any]):
               if k in opts}
     if "checkpoint" in opts:
         kwargs["activation_checkpointing"] = opts["checkpoint"]
-    precision = "bf16" if ctx.bf16 else "fp32"
+    choices = autoshard.Choices(precision="bf16" if ctx.bf16 else "fp32", **kwargs)  # what autoshard() fills
     optimizer = lambda ps: _adamw(ps, ctx.device)  # noqa: E731
     if not opts:  # the planner's choice, for the global batch
         mesh_req = autoshard.Mesh.auto(device=ctx.device.type)
-        sm = autoshard.autoshard(ctx.base, mesh_req, example_inputs=(ctx.x_global,), loss_fn=lm_loss,
-                                 optimizer=optimizer, precision=precision)
+        sm = autoshard.build(ctx.base, mesh_req, (ctx.x_global,), loss_fn=lm_loss, optimizer=optimizer, choices=choices)
     else:
         mesh = autoshard.Mesh(dp=opts["dp"], tp=opts.get("tp", 1), pp=opts.get("pp", 1), ep=opts.get("ep", 1),
                               device=ctx.device.type)
         x0 = ctx.local_batch(mesh.data_size, mesh.data_rank)
-        sm = autoshard.autoshard(ctx.base, mesh, example_inputs=(x0,), loss_fn=lm_loss,
-                                 optimizer=optimizer, precision=precision, **kwargs)
+        sm = autoshard.build(ctx.base, mesh, (x0,), loss_fn=lm_loss, optimizer=optimizer, choices=choices)
     x = ctx.local_batch(sm.mesh.data_size, sm.mesh.data_rank).to(ctx.device)
     step = lambda: torch.tensor(sm.train_step((x,), x))  # noqa: E731 - the global mean loss
     return step, describe_plan(sm), sm

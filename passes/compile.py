@@ -192,6 +192,17 @@ def make_host_state(zero: Any, device: torch.device) -> StepState:
     return state
 
 
+def make_grad_state(names: list[str], params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer,
+                    device: torch.device) -> StepState:
+    """The program's view of fp32 parameters whose optimizer has no in-graph update and no ZeRO memory
+    manager: the program reduces each gradient into a buffer of the parameter's shape, the runtime
+    sets it as ``.grad`` and the user's optimizer steps as after an eager backward."""
+    plist = [params[n] for n in names]
+    grads = [torch.zeros_like(p) if p.requires_grad else torch.zeros(0, device=device) for p in plist]
+    return StepState(names, plist, plist, optimizer, None, [], [], [], [], torch.zeros((), dtype=torch.bool, device=device),
+                     host_update=True, grads=grads)
+
+
 def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torch.Tensor], state: StepState,
                  args: tuple, kwargs: dict, target: Any, *, dp_group: str | None, dp_size: int,
                  buckets: list[list[str]], grad_clip: float | None, device: torch.device,
@@ -231,10 +242,9 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     buffers = [forward_graph.get_buffer(b) for b in joint.buffers]
     params = [state.params[i] for i in order]
     masters = [state.masters[i] for i in order]
-    spec = OptimizerSpec(state.spec.kind, state.spec.groups, [state.spec.group_of[i] for i in order],
-                         state.spec.state_keys)
-    states = [[s[i] for i in order] for s in state.states]
-    steps = [state.steps[i] for i in order]
+    host = state.host_update
+    spec = None if host else OptimizerSpec(state.spec.kind, state.spec.groups, [state.spec.group_of[i] for i in order],
+                                           state.spec.state_keys)
     pos = {state.names[i]: k for k, i in enumerate(order)}
     reduction = Reduction(dp_group if dp_size > 1 else None, dp_size,
                           [[pos[n] for n in b if n in pos] for b in buckets], norm_group,
@@ -249,15 +259,21 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     tensors: list[Any] = [*params, *(masters if separate else []), *buffers]
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
-    tensors += [t for s in states for t in s] + steps + list(state.lrs) + [state.veto]
-    tensors += [state.scale] if state.scaler is not None else []
+    if host:  # the reduced gradients, one buffer per parameter; the user's optimizer steps on the host
+        tensors += [state.grads[i] for i in order]
+    else:
+        states = [[s[i] for i in order] for s in state.states]
+        steps = [state.steps[i] for i in order]
+        tensors += [t for s in states for t in s] + steps + list(state.lrs) + [state.veto]
+        tensors += [state.scale] if state.scaler is not None else []
     example = list(tensors)
     for s, x in zip(slots, inputs):
         example[s] = x
     trainable = [p.requires_grad for p in params]
     gm, layout, report = build_step_graph(joint, spec, separate_masters=separate, trainable=trainable,
                                           reduction=reduction, grad_clip=grad_clip, example=example,
-                                          loss_scaling=state.scaler is not None)
+                                          loss_scaling=state.scaler is not None, host_update=host)
+    report["written"] = [order[k] for k in report["written"]]  # state order: the runtime sets those .grad
     return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint, times)
 
 
@@ -321,4 +337,5 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     return gm, report, tensors, slots
 
 
-__all__ = ["StepState", "Unsupported", "compile_step", "make_host_state", "make_state", "make_zero_state"]
+__all__ = ["StepState", "Unsupported", "compile_step", "make_grad_state", "make_host_state", "make_state",
+           "make_zero_state"]

@@ -96,9 +96,12 @@ class StepLayout:
     num_groups: int
     trainable: list[bool] = field(default_factory=list)  # per parameter: has a gradient and an update
     loss_scaling: bool = False  # fp16: the loss scale is the last input
+    host_update: bool = False  # after the inputs, one gradient buffer per parameter, and nothing else
 
     def count(self) -> int:
         n = self.num_params * (2 if self.separate_masters else 1)
+        if self.host_update:
+            return n + self.num_buffers + self.num_inputs + self.num_params
         n += self.num_buffers + self.num_inputs + self.num_params * (len(self.state_keys) + 1) + self.num_groups
         # the veto: a bool the runtime sets when the ranks disagree (runtime/guards.py); then the loss scale
         return n + 1 + int(self.loss_scaling)
@@ -117,13 +120,17 @@ class Reduction:
     norm_weight: list[float] = field(default_factory=list)
 
 
-def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters: bool,
+def build_step_graph(joint: JointGraph, spec: OptimizerSpec | None, *, separate_masters: bool,
                      trainable: list[bool], reduction: Reduction, grad_clip: float | None,
-                     example: list[Any], loss_scaling: bool = False) -> tuple[GraphModule, StepLayout, dict[str, Any]]:
+                     example: list[Any], loss_scaling: bool = False,
+                     host_update: bool = False) -> tuple[GraphModule, StepLayout, dict[str, Any]]:
     """The step graph over inputs in :class:`StepLayout` order (``example``: real tensors of that order).
 
     The tail (reduction, skip, clipping, update) is traced alone over fake tensors and appended to a
     copy of the joint graph, whose outputs feed it: the joint graph is not traced a second time.
+    With ``host_update`` (``spec`` unused) the tail ends at the reduced gradients, written into one
+    buffer per parameter for the user's optimizer to step on the host; ``report["written"]`` lists the
+    parameters that got one (those without a gradient keep ``None``, as in torch.optim).
     Returns the step graph, its input layout and a report (collectives, bytes per step).
     """
     n = len(joint.params)
@@ -131,8 +138,9 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
     # a parameter no gradient reaches (unused in this signature's graph) gets no update, as in torch.optim
     trainable = [t and g is not None and joint_out[1 + g] is not None for t, g in zip(trainable, joint.grads)]
     layout = StepLayout(num_params=n, num_buffers=len(joint.buffers), num_inputs=joint.num_inputs,
-                        separate_masters=separate_masters, state_keys=spec.state_keys,
-                        num_groups=len(spec.groups), trainable=list(trainable), loss_scaling=loss_scaling)
+                        separate_masters=separate_masters, state_keys=() if host_update else spec.state_keys,
+                        num_groups=0 if host_update else len(spec.groups), trainable=list(trainable),
+                        loss_scaling=loss_scaling, host_update=host_update)
     count = layout.count()
     if len(example) != count:
         raise ValueError(f"step graph: {len(example)} example inputs, the layout needs {layout.count()}")
@@ -148,15 +156,23 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
         masters = [next(it) for _ in range(n)] if separate_masters else params
         for _ in range(layout.num_buffers + layout.num_inputs):
             next(it)
+        loss = flat[count].float()
+        grads: list[torch.Tensor | None] = [None] * n  # None: no gradient, never updated (as torch.optim)
+        for k, i in enumerate(present):
+            grads[i] = flat[count + 1 + k].float()
+        if host_update:
+            buffers = [next(it) for _ in range(n)]
+            if reduction.group_name is not None and reduction.size > 1:
+                grads, loss = _all_reduce_mean(grads, loss, reduction)
+            for i in present:
+                buffers[i].copy_(grads[i])
+            zero = torch.zeros((), device=loss.device)
+            return torch.stack([loss, zero, zero])
         states = [[next(it) for _ in range(n)] for _ in spec.state_keys]
         steps = [next(it) for _ in range(n)]
         lrs = [next(it) for _ in range(layout.num_groups)]
         veto = next(it)
         scale = next(it) if loss_scaling else None
-        loss = flat[count].float()
-        grads: list[torch.Tensor | None] = [None] * n  # None: no gradient, never updated (as torch.optim)
-        for k, i in enumerate(present):
-            grads[i] = flat[count + 1 + k].float()
         if reduction.group_name is not None and reduction.size > 1:
             grads, loss = _all_reduce_mean(grads, loss, reduction)
         if scale is not None:  # unscale (the scale is a power of two: exact)
@@ -187,7 +203,8 @@ def build_step_graph(joint: JointGraph, spec: OptimizerSpec, *, separate_masters
         return ph[:layout.num_params] + ph[first_buffer:first_buffer + layout.num_buffers + layout.num_inputs]
 
     gm = _splice(joint, _trace_tail(tail, example, wanted), count, primals, wanted, loss_scaling)
-    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout)}
+    report = {"collectives": _collectives(gm), "reduce_bytes": _reduce_bytes(reduction, example, layout),
+              "written": present if host_update else []}
     return gm, layout, report
 
 

@@ -1,5 +1,6 @@
 """Runtime: the shared vocabulary (Mesh, Plan, placements) and what executes a plan."""
 
+from .choices import Choices
 from .errors import (
            AutoshardError,
            CaptureError,
@@ -13,5 +14,5 @@ from .errors import (
 from .mesh import Mesh
 from .plan import ParamPlan, Plan
 
-__all__ = ["AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
+__all__ = ["Choices", "AutoshardError", "CaptureError", "CheckpointError", "DesyncError", "ScheduleError", "MeshError", "PlanError", "PlanMismatchError", "Mesh",
            "ParamPlan", "Plan"]

@@ -12,6 +12,7 @@ Placements are written as DTensor prints them (``"S(0)"``, ``"R"``) and read bac
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -22,6 +23,7 @@ from typing import Any
 from torch.distributed.tensor import Partial, Replicate, Shard
 from torch.distributed.tensor.placement_types import Placement
 
+from .choices import Choices
 from .errors import PlanFileError
 from .mesh import DIM_ORDER
 
@@ -75,6 +77,7 @@ class Plan:
     fusions: dict[str, Any] = field(default_factory=dict)  # fused kernel regions and rejected candidates (fuse=True)
     attention: dict[str, Any] = field(default_factory=dict)  # block-sparse layout, replaced/refused sdpa nodes
     checkpointing: dict[str, Any] = field(default_factory=dict)  # activation checkpointing: spec, blocks per stage
+    choices: dict[str, Any] = field(default_factory=dict)  # the options asked for (runtime/choices.py), as JSON
     version: int = PLAN_VERSION
 
     # ------------------------------------------------------------------ queries
@@ -130,6 +133,8 @@ class Plan:
             d.pop("attention", None)  # and plans made without attention=...
         if not d.get("checkpointing"):
             d.pop("checkpointing", None)  # and without activation_checkpointing=...
+        if not d.get("choices"):
+            d.pop("choices", None)  # and plans written before choices were recorded
         blob = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
@@ -153,6 +158,11 @@ class Plan:
     def explain(self) -> str:
         """A report a person can read: what was decided for each parameter, and why."""
         lines = [self.summary(), ""]
+        if self.choices:
+            default = {f.name: f.default for f in dataclasses.fields(Choices)}
+            asked = [f"{k}={v!r}" for k, v in self.choices.items()
+                     if v != (list(default[k]) if isinstance(default.get(k), tuple) else default.get(k))]
+            lines += [f"Options asked for: {', '.join(asked) or 'the defaults'}", ""]
         tp = self.mesh.get("tp", 1)
         lines.append(f"Tensor parallel (tp={tp}):")
         if tp == 1:
@@ -407,6 +417,7 @@ _PLAN_OPTIONAL = {
     "fusions": Schema.obj,
     "attention": Schema.obj,
     "checkpointing": _checkpointing,
+    "choices": Schema.obj,
 }
 
 

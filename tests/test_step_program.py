@@ -39,10 +39,10 @@ def _worker(case: str) -> dict:
     per = 8 // mesh.data_size
     lo = mesh.data_rank * per
     inp0, _, loss_fn = inputs(kind, batch(0)[lo:lo + per])
-    opts = {"grad_clip": 0.05} if case.startswith("dp") else {}
+    opts = {"grad_clip": 0.05} if case.startswith("dp") and "plain" not in case else {}
     if case == "dp-zero2":
         opts["zero"] = 2
-    opt = {"tp-sched": "sgd", "dp-adagrad": "adagrad"}.get(case, "adamw")
+    opt = {"tp-sched": "sgd", "dp-adagrad": "adagrad", "dp-plain-adagrad": "adagrad"}.get(case, "adamw")
     sm = autoshard.autoshard(make_model(kind), mesh, example_inputs=inp0, loss_fn=loss_fn,
                              optimizer=make_optimizer(opt), **opts)
     sched = torch.optim.lr_scheduler.StepLR(sm.optimizer, step_size=2, gamma=0.5) if case == "tp-sched" else None
@@ -61,7 +61,7 @@ def _run(cases):
     return [_worker(c) for c in cases]
 
 
-CASES = ["dp-clip", "tp-sched", "dp-zero2", "dp-adagrad"]
+CASES = ["dp-clip", "tp-sched", "dp-zero2", "dp-adagrad", "dp-plain-adagrad"]
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +117,16 @@ def test_an_update_the_graph_cannot_hold_runs_on_the_host(world2):
     ops = " ".join(r0["collectives"])
     assert "all_reduce" in ops and "all_gather" not in ops  # the reduction in the graph, no update there
     assert r0["stats"]["grad_norm"] > 0.05 and r0["stats"]["dp_comm_bytes"] > 0
+    # fp32 without ZeRO: the reduced gradients land in the parameters' .grad, the optimizer steps on them
+    r0, r1 = world2["dp-plain-adagrad"]
+    assert r0["executor"] == r1["executor"] == "step-program"
+    assert "the optimizer over the parameters' .grad" in r0["notes"][0]
+    check(r0, reference("llama", "adagrad"), "adagrad")
+    assert "all_reduce" in " ".join(r0["collectives"]) and r0["stats"]["dp_comm_bytes"] > 0
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["dp-clip", "dp-zero2", "dp-adagrad"])
+@pytest.mark.parametrize("case", ["dp-clip", "dp-zero2", "dp-adagrad", "dp-plain-adagrad"])
 def test_reductions_are_issued_during_backward(world2, case):
     """The scheduling pass (passes/schedule.py): each bucket's reduction is issued as soon as its
     gradients exist, so backward work remains after it (the overlap), in the same order on every rank."""
@@ -162,8 +168,10 @@ def test_plans_it_cannot_run_say_why():
     sm = _single(zero=3, offload="optimizer")
     assert sm.executor == "interpreted"
     assert any("executor: interpreted" in n and "offload" in n for n in sm.plan.notes)
-    sm = _single("gpt", "adagrad")  # no in-graph update, and no ZeRO memory manager to step it on the host
-    assert sm.executor == "interpreted" and any("Adagrad" in n for n in sm.plan.notes)
+    sm = _single("gpt", "adagrad")  # no in-graph update: the user's optimizer steps on the host over .grad
+    assert sm.executor == "step-program"
+    assert any("the update by the optimizer over the parameters' .grad" in n and "Adagrad" in n
+               for n in sm.plan.notes), sm.plan.notes
     for options in ({"zero": 1, "offload": "optimizer"}, {"zero": 1}):  # the update on the host, the rest a program
         sm = _single("gpt", "adagrad", **options)
         assert sm.executor == "step-program"
