@@ -282,7 +282,8 @@ class ShardedModule(torch.nn.Module):
                                                         grad_clip=grad_clip, fuse=fuse, optimizer=optimizer)
         self._joint = None  # passes.compile.StepState, made with the optimizer below
         self._step_programs: dict[tuple, Any] = {}
-        self._step_reports: dict[str, Any] = {}
+        self._step_reports: dict[str, Any] = {}  # the report of the program the last step ran
+        self._reports_by_key: dict[tuple, dict[str, Any]] = {}
         self._grad_norm = float("nan")  # the step program's global gradient norm (before clipping)
         self._zero: ZeroOptimizer | None = None
         self._gathers: list[dict] = []
@@ -495,8 +496,8 @@ class ShardedModule(torch.nn.Module):
         added), ``schedule_s`` (gather placement and collective order), ``inductor_s`` (code generation, on
         CUDA) and ``cuda_graph_s`` (recording the replayed step). The first input signature's figures."""
         out = dict(self._times)
-        for prog in list(self._step_programs.values())[:1]:
-            out.update({k: v for k, v in self._step_reports.get("times_s", {}).items()})
+        for key, prog in list(self._step_programs.items())[:1]:
+            out.update(self._reports_by_key[key].get("times_s", {}))
             out["inductor_s"] = prog.compile_s
             out["cuda_graph_s"] = prog.capture_s
         return out
@@ -521,7 +522,9 @@ class ShardedModule(torch.nn.Module):
         """[compiler] One step of the step program for this input signature (captured and compiled once)."""
         from autoshard.passes.compile import compile_step
 
-        key = (_signature(True, args, kwargs), _signature(True, (target,), {}))
+        raw = getattr(self.optimizer, "wants_raw_gradients", None)  # 1-bit Adam: local gradients after warm-up
+        local = bool(raw is not None and self._zero is None and raw())
+        key = (_signature(True, args, kwargs), _signature(True, (target,), {}), local)
         prog = self._step_programs.get(key)
         if prog is None:
             fwd = self._program(args, kwargs, training=True)
@@ -537,10 +540,11 @@ class ShardedModule(torch.nn.Module):
                 fwd, self._loss, self._joint, args, kwargs, target,
                 dp_group=dp.group.group_name if dp.size > 1 else None, dp_size=dp.size,
                 buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device,
-                norm_group=norm_group, norm_weight=weight)
+                norm_group=norm_group, norm_weight=weight, reduce_gradients=not local)
             self._step_programs[key] = prog
-            self._step_reports = report
+            self._reports_by_key[key] = report
             C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
+        self._step_reports = self._reports_by_key[key]  # this program's (bytes per step, written gradients)
         if self._joint.host_update:
             return self._host_update_step(prog, args, kwargs, target)
         self._joint.set_lrs()
@@ -574,12 +578,14 @@ class ShardedModule(torch.nn.Module):
         if self._zero is not None:
             for i, shard in enumerate(self._joint.grads):
                 self._zero.receive(i, shard)
-        else:
+        else:  # the user's optimizer over the parameters: the averaged gradients become their .grad
             for i in self._step_reports["written"]:
                 self._joint.params[i].grad = self._joint.grads[i]
         self._count_program_bytes()
         value, stepped = finish_step(self._zero, self.optimizer, out[0], self._steps, guard=self._guard)
         self._grad_norm = self._zero.last_grad_norm if self._zero is not None else float("nan")
+        if stepped:
+            self._joint.refresh_sources()  # ZeRO-3 with host masters: the device shards the program gathers
         self._count_comm()
         self._skipped += not stepped
         self._steps += 1
@@ -1297,14 +1303,16 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
-        (offload == "params" or (offload is not None and zero == 3),
-         "offload with zero=3 keeps the masters in host memory, which the program cannot gather from yet"),
+        (offload == "params", "offload='params' keeps the parameter slices in host memory, which the program "
+                              "cannot gather from yet"),
     ]
     for bad, why in checks:
         if bad:
             return "interpreted", why
     if _compressing(optimizer):
-        return "interpreted", "1-bit Adam averages compressed momenta itself (the interpreted executor's hooks)"
+        if zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None:
+            return "interpreted", "1-bit Adam over ZeRO's buckets (OneBitZeroOptimizer) runs from backward hooks"
+        return "host-update", "1-bit Adam averages compressed momenta itself after its warm-up"
     if offload is not None:
         return "host-update", "offload='optimizer': the optimizer steps in host memory"
     from autoshard.passes.optimizer import Unsupported, optimizer_spec

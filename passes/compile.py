@@ -60,10 +60,19 @@ class StepState:
     scale: torch.Tensor | None = None  # fp16: the loss scale the program multiplies the tangent by
     host_update: bool = False  # the program ends at the reduced gradients; ``zero`` steps on the host
     grads: list[torch.Tensor] = field(default_factory=list)  # host_update: each bucket's reduced fp32 shard
+    # ZeRO-3 with the masters in host memory (offload): device copies of this rank's shards in the compute
+    # dtype, what the program gathers from; refreshed from the masters after each host update
+    sources: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def separate_masters(self) -> bool:
         return any(p is not m for p, m in zip(self.params, self.masters))
+
+    @torch.no_grad()
+    def refresh_sources(self) -> None:
+        """Copy the updated masters into the device shards the program gathers from (ZeRO-3 + offload)."""
+        for src, m in zip(self.sources, self.masters):
+            src.copy_(m.detach(), non_blocking=True)
 
     def master(self, name: str) -> torch.nn.Parameter:
         return self.masters[self.names.index(name)]
@@ -104,7 +113,8 @@ class StepState:
     @torch.no_grad()
     def absorb(self) -> None:
         """Copy values someone put into ``optimizer.state`` (a checkpoint load) into the program's tensors."""
-        if self.host_update:
+        if self.host_update:  # the optimizer keeps its states; only the gather sources follow the masters
+            self.refresh_sources()
             return
         for i, m in enumerate(self.masters):
             st = self.optimizer.state.get(m, {})
@@ -189,6 +199,9 @@ def make_host_state(zero: Any, device: torch.device) -> StepState:
                       host_update=True, grads=grads)
     if zero.scaler is not None:  # the tangent is the scale; zero.step unscales and updates the scaler
         _with_scaler(state, zero.scaler, device)
+    if zero.stage == 3 and zero.offload is not None:
+        state.sources = [torch.empty(b.shard, dtype=zero.dtype, device=device) for b in zero.zbuckets]
+        state.refresh_sources()
     return state
 
 
@@ -207,9 +220,11 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
                  args: tuple, kwargs: dict, target: Any, *, dp_group: str | None, dp_size: int,
                  buckets: list[list[str]], grad_clip: float | None, device: torch.device,
                  norm_group: str | None = None, norm_weight: dict[str, float] | None = None,
-                 compile: bool | None = None) -> tuple[StepProgram, dict[str, Any]]:
+                 compile: bool | None = None, reduce_gradients: bool = True) -> tuple[StepProgram, dict[str, Any]]:
     """Capture the joint graph of ``forward_graph`` + ``loss`` on this batch, add reduction and update,
     and lower it. Returns the program and a report (nodes, collectives, bytes sent per step).
+``reduce_gradients=False`` (host update only): the gradients stay local, only the loss is averaged
+over dp (1-bit Adam after its warm-up averages compressed momenta itself).
 
     Raises :class:`Unsupported` or :class:`~autoshard.runtime.errors.CaptureError` when the step cannot be
     expressed; nothing has been changed then.
@@ -246,10 +261,12 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
     spec = None if host else OptimizerSpec(state.spec.kind, state.spec.groups, [state.spec.group_of[i] for i in order],
                                            state.spec.state_keys)
     pos = {state.names[i]: k for k, i in enumerate(order)}
+    if not reduce_gradients and not host:
+        raise Unsupported("gradients left local need the update on the host")
     reduction = Reduction(dp_group if dp_size > 1 else None, dp_size,
-                          [[pos[n] for n in b if n in pos] for b in buckets], norm_group,
+                          [[pos[n] for n in b if n in pos] for b in buckets] if reduce_gradients else [], norm_group,
                           [(norm_weight or {}).get(state.names[i], 1.0) for i in order])
-    if dp_size > 1:  # parameters in no bucket (none today) still get reduced, one bucket of their own
+    if dp_size > 1 and reduce_gradients:  # parameters in no bucket (none today) still get reduced, one bucket each
         seen = {i for b in reduction.buckets for i in b}
         rest = [k for k in range(len(order)) if k not in seen]
         if rest:
@@ -317,7 +334,7 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
                         0 if host else len(state.spec.groups), loss_scaling=state.scaler is not None,
                         gathered=gathered, host_update=host)
     inputs = joint.flat_inputs(args, kwargs, target)
-    tensors: list[Any] = ([] if gathered else [b.flat for b in zero.zbuckets]) + list(state.masters)
+    tensors: list[Any] = ([] if gathered else [b.flat for b in zero.zbuckets]) + list(state.sources or state.masters)
     tensors += [b.grad_weight for b in zero.zbuckets if b.grad_weight is not None]
     tensors += [forward_graph.get_parameter(joint.params[i]) for i in loose]
     tensors += [forward_graph.get_buffer(b) for b in joint.buffers]

@@ -123,6 +123,8 @@ def _worker() -> dict:
     lb, sb = _mlp_module(mesh, onebit, 6)
     out["bytes_adamw"] = sa.stats()["comm_bytes_per_step"]
     out["bytes_onebit"] = sb.stats()["comm_bytes_per_step"]
+    out["executors"] = (sa.executor, sb.executor, [n for n in sb.plan.notes if n.startswith("executor")])
+    out["programs"] = len(sb._step_programs)  # warm-up (gradients averaged) and compressed (local gradients)
     out["mlp_losses"] = lb
     w = sb.local_parameters()["0.weight"].detach()
     every = [torch.empty_like(w) for _ in range(4)]
@@ -253,6 +255,10 @@ def test_bytes_per_step_fall():
     print(f"\nbytes per step: AdamW {r['bytes_adamw']:.0f}, 1-bit Adam {r['bytes_onebit']:.0f}, ratio {ratio:.1f}x")
     assert ratio >= 5, ratio
     assert all(x["dp_consistent"] for x in _results())
+    # forward and backward compiled; the gradients stay local after warm-up and 1-bit Adam steps on the host
+    adamw_exec, onebit_exec, notes = r["executors"]
+    assert adamw_exec == onebit_exec == "step-program" and "1-bit Adam" in notes[0], r["executors"]
+    assert r["programs"] == 2
     assert r["mlp_losses"][-1] < r["mlp_losses"][0]
 
 

@@ -165,7 +165,7 @@ def _single(kind="gpt", opt="sgd", **options):
 
 
 def test_plans_it_cannot_run_say_why():
-    sm = _single(zero=3, offload="optimizer")
+    sm = _single(zero=3, offload="params")
     assert sm.executor == "interpreted"
     assert any("executor: interpreted" in n and "offload" in n for n in sm.plan.notes)
     sm = _single("gpt", "adagrad")  # no in-graph update: the user's optimizer steps on the host over .grad
