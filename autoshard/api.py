@@ -745,7 +745,17 @@ class ShardedModule(torch.nn.Module):
 
     def predicted_peak_bytes(self) -> dict[str, int]:
         """Predicted peak memory of this rank: ``device`` (what the accelerator holds) and ``host``
-        (offloaded optimizer states and parameter slices), from ``plan.memory``'s terms."""
+        (offloaded optimizer states and parameter slices).
+
+        Once a step program holding the whole step has been built, read off its graph
+        (passes/memory.step_graph_memory: the persistent inputs plus the peak of what the step
+        creates, the largest over input signatures); before that, and on the other executors, from
+        ``plan.memory``'s terms.
+        """
+        if self._mode == "program" and self._step_programs:
+            from autoshard.passes.memory import step_graph_memory
+
+            return {"device": max(step_graph_memory(p.gm)["peak"] for p in self._step_programs.values()), "host": 0}
         m = self.plan.memory
         host_terms = ("grads", "optimizer") if m.get("optimizer_on_cpu") else ()
         device = sum(v for k, v in m.items() if k not in host_terms and k not in ("optimizer_on_cpu", "params_on_cpu"))

@@ -183,3 +183,63 @@ def saved_activation_bytes(gm: GraphModule, params: set[str], tp: int = 1,
     outputs = {base.get(a, a) for a in out_node.all_input_nodes if floating(a)}
     return {"saved": sum(nbytes(n) for n in saved), "outputs": sum(nbytes(n) for n in outputs - saved),
             "largest": largest}
+
+
+def _tensor_bytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, (tuple, list)):
+        return sum(_tensor_bytes(x) for x in v)
+    return 0
+
+
+def _writes_input(target) -> bool:
+    """An op that returns (a view of) an input it writes or passes on: ``copy_``, ``add_``, ``wait_tensor``."""
+    if "wait_tensor" in str(target):
+        return True
+    schema = getattr(target, "_schema", None)
+    return schema is not None and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
+
+
+def step_graph_memory(gm: GraphModule) -> dict[str, int]:
+    """Bytes a step graph holds, read off the graph itself: ``inputs`` (its placeholders: parameters,
+    masters, optimizer states, the batch; they live across steps) and ``transient`` (the peak of the
+    tensors it creates while it runs), with ``peak`` their sum.
+
+    Eager liveness in graph order: every node that is not a view (views, ``wait_tensor`` and in-place
+    ops alias their first input) allocates its outputs and frees them after the last use of the
+    storage or of any view of it. Inductor frees at the same points and fuses pointwise chains, so
+    this errs high by the unfused intermediates live at the peak (the peak is usually where backward
+    starts, with every saved activation live).
+    """
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    root: dict[Node, Node] = {}
+    inputs = 0
+    size: dict[Node, int] = {}
+    for n in nodes:
+        if n.op == "placeholder":
+            inputs += _tensor_bytes(n.meta.get("val"))
+            continue
+        if n.op != "call_function":
+            continue
+        first = n.args[0] if n.args else None
+        aliasing = n.target in _VIEWS or n.target is operator.getitem or _writes_input(n.target)
+        if aliasing and isinstance(first, Node):
+            root[n] = root.get(first, first)
+            continue
+        size[n] = _tensor_bytes(n.meta.get("val"))
+    last: dict[Node, int] = {}
+    for n in nodes:
+        for a in n.all_input_nodes:
+            r = root.get(a, a)
+            last[r] = max(last.get(r, 0), order[n])
+    frees: dict[int, int] = {}
+    for n, b in size.items():
+        frees[last.get(n, order[n])] = frees.get(last.get(n, order[n]), 0) + b
+    live = peak = 0
+    for i, n in enumerate(nodes):
+        live += size.get(n, 0)
+        peak = max(peak, live)
+        live -= frees.get(i, 0)
+    return {"inputs": inputs, "transient": peak, "peak": inputs + peak}

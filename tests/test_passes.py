@@ -589,3 +589,26 @@ def test_virtual_mesh_rejects_bad_rank_and_dim():
     with pytest.raises(autoshard.MeshError, match="unknown mesh dimension 'xp'"):
         mesh.size("xp")
 
+
+
+def test_step_graph_memory_follows_liveness():
+    """Inputs persist; each new tensor lives until the last use of it or of a view of it; views,
+    in-place writes and wait_tensor allocate nothing."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from autoshard.passes.memory import step_graph_memory
+
+    def step(x, buf):
+        a = x * 2                      # 4 KiB, alive until c is made (through its view)
+        b = a.view(-1)
+        c = b + 1                      # 4 KiB: a and c live together -> 8 KiB
+        d = c.sum()                    # 4 bytes
+        buf.copy_(c.view_as(buf))      # writes an input: nothing new
+        return d
+
+    x, buf = torch.zeros(32, 32), torch.zeros(32, 32)
+    gm = make_fx(step)(x, buf)
+    m = step_graph_memory(gm)
+    assert m["inputs"] == 2 * 32 * 32 * 4
+    assert m["transient"] == 2 * 32 * 32 * 4
+    assert m["peak"] == m["inputs"] + m["transient"]

@@ -322,3 +322,19 @@ def test_activation_checkpointing_recomputes_blocks_in_the_program():
     for k, v in ref_state.items():  # DESIGN.md's bound for AdamW (elementwise steps amplify rounding)
         if v.is_floating_point() and v.norm() > 0:
             assert rel(runs["all"][2][k], v) <= 1e-3, k
+
+
+def test_memory_prediction_reads_the_program():
+    """Before the first step the plan's terms; after it, the step graph's own liveness walk."""
+    from autoshard.passes.memory import step_graph_memory
+
+    sm = _single("llama", "adamw")
+    before = sm.predicted_peak_bytes()["device"]
+    inp, target, _ = inputs("llama", batch(0))
+    sm.train_step(inp, target)
+    (prog,) = sm._step_programs.values()
+    walked = step_graph_memory(prog.gm)
+    assert sm.predicted_peak_bytes() == {"device": walked["peak"], "host": 0}
+    states = sum(p.numel() * 4 * 3 for p in sm.local_parameters().values())  # fp32 params, exp_avg, exp_avg_sq
+    assert states <= walked["inputs"] <= states * 1.1  # + step counters, learning rate, the batch
+    assert 0.5 * before <= walked["peak"] <= 2 * before, (before, walked)
