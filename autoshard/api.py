@@ -523,7 +523,7 @@ class ShardedModule(torch.nn.Module):
         from autoshard.passes.compile import compile_step
 
         raw = getattr(self.optimizer, "wants_raw_gradients", None)  # 1-bit Adam: local gradients after warm-up
-        local = bool(raw is not None and self._zero is None and raw())
+        local = bool(raw is not None and raw())
         key = (_signature(True, args, kwargs), _signature(True, (target,), {}), local)
         prog = self._step_programs.get(key)
         if prog is None:
@@ -541,6 +541,7 @@ class ShardedModule(torch.nn.Module):
                 dp_group=dp.group.group_name if dp.size > 1 else None, dp_size=dp.size,
                 buckets=self.plan.dp_buckets, grad_clip=self._grad_clip, device=self.mesh.device,
                 norm_group=norm_group, norm_weight=weight, reduce_gradients=not local)
+            report["local_gradients"] = local
             self._step_programs[key] = prog
             self._reports_by_key[key] = report
             C.reset_bytes(f"mesh{self.mesh.id}.")  # tracing ran the collectives once: not this step's traffic
@@ -575,7 +576,9 @@ class ShardedModule(torch.nn.Module):
         if self._zero is not None:
             self._zero.begin()  # nothing of an earlier step still on the host worker; offload timers reset
         out = prog(tree_flatten((args, kwargs, target))[0])
-        if self._zero is not None:
+        if self._zero is not None and self._step_reports.get("local_gradients"):  # 1-bit Adam after warm-up
+            self._zero.receive_local(self._joint.local_grads)
+        elif self._zero is not None:
             for i, shard in enumerate(self._joint.grads):
                 self._zero.receive(i, shard)
         else:  # the user's optimizer over the parameters: the averaged gradients become their .grad
@@ -1320,8 +1323,6 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         if bad:
             return "interpreted", why
     if _compressing(optimizer):
-        if zero > 0 or precision != "fp32" or offload is not None or grad_clip is not None:
-            return "interpreted", "1-bit Adam over ZeRO's buckets (OneBitZeroOptimizer) runs from backward hooks"
         return "host-update", "1-bit Adam averages compressed momenta itself after its warm-up"
     if offload is not None:
         return "host-update", "offload='optimizer': the optimizer steps in host memory"

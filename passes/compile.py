@@ -63,6 +63,7 @@ class StepState:
     # ZeRO-3 with the masters in host memory (offload): device copies of this rank's shards in the compute
     # dtype, what the program gathers from; refreshed from the masters after each host update
     sources: list[torch.Tensor] = field(default_factory=list)
+    local_grads: list[torch.Tensor] = field(default_factory=list)  # 1-bit Adam on ZeRO: local whole-bucket gradients
 
     @property
     def separate_masters(self) -> bool:
@@ -244,8 +245,11 @@ over dp (1-bit Adam after its warm-up averages compressed momenta itself).
     # tracing ran every forward and backward collective once: that is one step's traffic per group
     traced = {k: v - before.get(k, 0.0) for k, v in C.bytes_sent().items() if v - before.get(k, 0.0) > 0}
     if state.zero is not None:
+        if not reduce_gradients and not state.host_update:
+            raise Unsupported("gradients left local need the update on the host")
         gm, report, tensors, slots = _zero_step(joint, forward_graph, state, args, kwargs, target, dp_group=dp_group,
-                                                dp_size=dp_size, norm_group=norm_group, grad_clip=grad_clip)
+                                                dp_size=dp_size, norm_group=norm_group, grad_clip=grad_clip,
+                                                reduce_gradients=reduce_gradients)
         return _lower(gm, report, tensors, slots, device, compile, remat, traced, joint, times, state.zero.prefetch)
     ident = {id(p): i for i, p in enumerate(state.params)}
     order: list[int] = []
@@ -310,9 +314,13 @@ def _lower(gm, report: dict[str, Any], tensors: list[Any], slots: list[int], dev
 
 
 def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tuple, kwargs: dict, target: Any, *,
-               dp_group: str | None, dp_size: int, norm_group: str | None, grad_clip: float | None):
+               dp_group: str | None, dp_size: int, norm_group: str | None, grad_clip: float | None,
+               reduce_gradients: bool = True):
     """The ZeRO step graph over ``state.zero``'s buckets (any stage; the update in the graph or, with
-    ``state.host_update``, left to the host), and the program's tensors in its order."""
+    ``state.host_update``, left to the host), and the program's tensors in its order.
+
+    ``reduce_gradients=False``: each bucket's local fp32 gradient, whole and not divided, goes into
+    ``state.local_grads`` (1-bit Adam after its warm-up compresses it itself)."""
     zero = state.zero
     index = {name: i for i, name in enumerate(joint.params)}
     buckets = []
@@ -321,6 +329,10 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
         if missing:
             raise Unsupported(f"ZeRO bucket parameters {missing[:3]} are not in this signature's joint graph")
         weighted = b.grad_weight is not None
+        if not reduce_gradients:  # the whole local gradient: no collective, no division
+            buckets.append(ShardedBucket([index[n] for n in b.names], list(b.offsets), b.padded, b.padded,
+                                         None, 1, 1, weighted, b.norm_scale, whole=True))
+            continue
         whole = zero.stage == 0  # every rank holds the whole bucket: all-reduce
         group = dp_group if b.parts > 1 or (whole and dp_size > 1) else None
         buckets.append(ShardedBucket([index[n] for n in b.names], list(b.offsets), b.padded, b.shard,
@@ -340,7 +352,12 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
     tensors += [forward_graph.get_buffer(b) for b in joint.buffers]
     slots = list(range(len(tensors), len(tensors) + len(inputs)))
     tensors += [None] * len(inputs)
-    if host:
+    if host and not reduce_gradients:
+        if not state.local_grads:
+            state.local_grads = [torch.zeros(b.padded, dtype=torch.float32, device=b.flat.device)
+                                 for b in zero.zbuckets]
+        tensors += list(state.local_grads)
+    elif host:
         tensors += list(state.grads)
     else:
         tensors += [t for s in state.states for t in s] + list(state.steps) + list(state.lrs) + [state.veto]

@@ -413,14 +413,16 @@ def _gather_nodes(graph: torch.fx.Graph, master: torch.fx.Node, b: ShardedBucket
 def _reduce_scatter(b: ShardedBucket, grads: dict[int, torch.Tensor], shapes: dict[int, tuple[int, ...]],
                     device: torch.device) -> torch.Tensor:
     """This rank's fp32 shard of the bucket's gradient, summed over its group and divided (a graph node)."""
-    pieces = []
-    for i in b.members:
+    pieces, pos = [], 0
+    for i, off in zip(b.members, b.offsets):  # at each parameter's offset: layouts may leave gaps (1-bit Adam's)
+        if off > pos:
+            pieces.append(torch.zeros(off - pos, device=device))
         g = grads.get(i)
         k = math.prod(shapes[i])
         pieces.append(g.reshape(-1).float() if g is not None else torch.zeros(k, device=device))
-    numel = sum(p.numel() for p in pieces)
-    if b.padded > numel:
-        pieces.append(torch.zeros(b.padded - numel, device=device))
+        pos = off + k
+    if b.padded > pos:
+        pieces.append(torch.zeros(b.padded - pos, device=device))
     flat = torch.cat(pieces)
     if b.divisor != 1:
         flat = flat / b.divisor

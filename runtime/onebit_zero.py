@@ -123,9 +123,15 @@ class OneBitZeroOptimizer(ZeroOptimizer):
     def _group_of(self, p: torch.Tensor) -> dict:
         return next(g for g in self.optimizer.param_groups if any(q is p for q in g["params"]))
 
+    def receive_local(self, flats: list[torch.Tensor]) -> None:
+        """After warm-up, from a step program: each bucket's local fp32 gradient, whole (laid out as the
+        bucket, not reduced); the next :meth:`step` compresses these instead of the parameters' ``.grad``."""
+        self._local_flats = list(flats)
+
     @torch.no_grad()
     def _compressed_step(self, loss: torch.Tensor | None = None) -> bool:
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
+        flats, self._local_flats = getattr(self, "_local_flats", None), None
+        grads = flats if flats is not None else [p.grad for p in self.params.values() if p.grad is not None]
         bad = torch.zeros(1, dtype=torch.float64, device=self.device)
         for g in grads:
             bad += (~torch.isfinite(g)).sum()
@@ -152,12 +158,15 @@ class OneBitZeroOptimizer(ZeroOptimizer):
             group = self._group_of(b.master)
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
-            g = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
-            for n, o in zip(b.names, b.offsets):
-                p = self.params[n]
-                if p.grad is not None:
-                    g[o:o + p.numel()] = p.grad.reshape(-1).float()
-                    p.grad = None
+            if flats is not None:
+                g = flats[i]
+            else:
+                g = torch.zeros(b.padded, dtype=torch.float32, device=self.device)
+                for n, o in zip(b.names, b.offsets):
+                    p = self.params[n]
+                    if p.grad is not None:
+                        g[o:o + p.numel()] = p.grad.reshape(-1).float()
+                        p.grad = None
             if scale != 1.0:  # fp16: the loss scaler's factor
                 g.div_(scale)
             m = self._previous_momentum(i) * beta1 + g * (1 - beta1)  # OneBitAdam's rounding

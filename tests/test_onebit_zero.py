@@ -101,7 +101,7 @@ def _warmup_parity(zero: int) -> dict | None:
     losses = [sm.train_step(*inputs("gpt", batch(s)[lo:lo + per])[:2]) for s in range(STEPS)]
     sd = sm.full_state_dict()
     kind = type(sm._zero).__name__
-    return {"losses": losses, "state": sd, "kind": kind} if mesh.rank == 0 else None
+    return {"losses": losses, "state": sd, "kind": kind, "executor": sm.executor} if mesh.rank == 0 else None
 
 
 def _state(sm) -> dict:
@@ -241,6 +241,7 @@ def test_warmup_parity_with_adamw():
     ref = reference("gpt", "adamw")
     for z, res in _results()[0]["parity"].items():
         assert res["kind"] == "OneBitZeroOptimizer", z
+        assert res["executor"] == "step-program", z  # forward, backward, reduction compiled; the update on the host
         worst_loss, worst_param = check(res, ref, "adamw")
         print(f"\nzero={z} warm-up: loss {worst_loss:.1e}, params {worst_param:.1e}")
 
