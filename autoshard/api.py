@@ -1316,8 +1316,6 @@ def _executor_mode(mesh: Mesh, *, zero: int, offload: str | None, precision: str
         (mesh.size("pp") > 1, "pipeline stages are not cut from the joint graph yet"),
         (mesh.size("ep") > 1, "expert parallelism is not in the step program yet"),
         (bool(fuse), "fuse=True asks for autoshard's own kernels, launched by the interpreted executor"),
-        (offload == "params", "offload='params' keeps the parameter slices in host memory, which the program "
-                              "cannot gather from yet"),
     ]
     for bad, why in checks:
         if bad:

@@ -71,7 +71,10 @@ class StepState:
 
     @torch.no_grad()
     def refresh_sources(self) -> None:
-        """Copy the updated masters into the device shards the program gathers from (ZeRO-3 + offload)."""
+        """Copy the updated masters into the shards the program gathers from (ZeRO-3 + offload; with
+        ``offload="params"`` they are ZeroOptimizer's pinned host slices, which it refreshes itself)."""
+        if self.zero is not None and self.zero.offload == "params":
+            return
         for src, m in zip(self.sources, self.masters):
             src.copy_(m.detach(), non_blocking=True)
 
@@ -200,7 +203,9 @@ def make_host_state(zero: Any, device: torch.device) -> StepState:
                       host_update=True, grads=grads)
     if zero.scaler is not None:  # the tangent is the scale; zero.step unscales and updates the scaler
         _with_scaler(state, zero.scaler, device)
-    if zero.stage == 3 and zero.offload is not None:
+    if zero.stage == 3 and zero.offload == "params":  # the pinned host slices ZeroOptimizer keeps current
+        state.sources = [b.local for b in zero.zbuckets]
+    elif zero.stage == 3 and zero.offload is not None:
         state.sources = [torch.empty(b.shard, dtype=zero.dtype, device=device) for b in zero.zbuckets]
         state.refresh_sources()
     return state
@@ -367,7 +372,7 @@ def _zero_step(joint, forward_graph: torch.nn.Module, state: StepState, args: tu
         example[s] = x
     gm, report = build_zero_step_graph(joint, state.spec, layout, loss_group=dp_group if dp_size > 1 else None,
                                        loss_size=dp_size, norm_group=norm_group, grad_clip=grad_clip,
-                                       example=example, compute_dtype=zero.dtype)
+                                       example=example, compute_dtype=zero.dtype, device=zero.device)
     return gm, report, tensors, slots
 
 

@@ -279,7 +279,8 @@ class ZeroLayout:
 def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec | None, layout: ZeroLayout, *,
                           loss_group: str | None, loss_size: int, norm_group: str | None,
                           grad_clip: float | None, example: list[Any],
-                          compute_dtype: torch.dtype = torch.float32) -> tuple[GraphModule, dict[str, Any]]:
+                          compute_dtype: torch.dtype = torch.float32,
+                          device: torch.device | None = None) -> tuple[GraphModule, dict[str, Any]]:
     """The step graph of ZeRO stages 1 and 2: gradients reduce-scattered into fp32 shards, the update on
     this rank's shard of each bucket, the updated shards all-gathered into the flat compute buffers.
 
@@ -364,7 +365,7 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec | None, layout:
         out: list[torch.fx.Node] = []
         loose = iter(ph[nf + nb + weights:nf + nb + weights + len(layout.loose)])
         flat = ph[:nf] if not layout.gathered else [
-            _gather_nodes(graph, ph[nf + j], b, j, compute_dtype) for j, b in enumerate(layout.buckets)]
+            _gather_nodes(graph, ph[nf + j], b, j, compute_dtype, device) for j, b in enumerate(layout.buckets)]
         for i in range(len(joint.params)):
             if i not in where:
                 out.append(next(loose))
@@ -392,21 +393,26 @@ def build_zero_step_graph(joint: JointGraph, spec: OptimizerSpec | None, layout:
 
 
 def _gather_nodes(graph: torch.fx.Graph, master: torch.fx.Node, b: ShardedBucket, j: int,
-                  dtype: torch.dtype) -> torch.fx.Node:
+                  dtype: torch.dtype, device: torch.device | None = None) -> torch.fx.Node:
     """ZeRO-3: nodes that rebuild bucket ``j``'s flat compute buffer from every rank's master shard
     (cast to the compute dtype, all-gather, wait), tagged for passes/schedule.py, which places them
-    before the bucket's first use in forward and again before its first use in backward."""
+    before the bucket's first use in forward and again before its first use in backward. A shard held
+    in host memory (``offload="params"``) is copied to ``device`` by the cast."""
     ops = torch.ops._c10d_functional
-    nodes = [graph.call_function(torch.ops.aten._to_copy.default, (master,), {"dtype": dtype})]
+    mval = master.meta.get("val")
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if device is not None and mval is not None and mval.device != device:
+        kwargs["device"] = device
+    nodes = [graph.call_function(torch.ops.aten._to_copy.default, (master,), kwargs)]
     if b.group_name is not None and b.size > 1:
         nodes.append(graph.call_function(ops.all_gather_into_tensor.default, (nodes[-1], b.size, b.group_name)))
         nodes.append(graph.call_function(ops.wait_tensor.default, (nodes[-1],)))
-    mval = master.meta.get("val")
-    for n in nodes:
+    for k, n in enumerate(nodes):
         n.meta["autoshard_gather"] = j
         if mval is not None:
             with mval.fake_mode:
-                n.meta["val"] = mval.new_empty((b.padded,), dtype=dtype)
+                n.meta["val"] = mval.new_empty((b.shard if k == 0 else b.padded,), dtype=dtype,
+                                               device=kwargs.get("device", mval.device))
     return nodes[-1]
 
 
