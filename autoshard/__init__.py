@@ -25,6 +25,7 @@ _LAZY = {
     "ShardedModule": "autoshard.api",
     "autoshard": "autoshard.api",
     "build": "autoshard.api",
+    "plan": "autoshard.api",
     "backend": "autoshard.backend",
     "set_mesh": "autoshard.backend",
     "launch": "autoshard.launch",
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # what static tools (type checkers, the API reference) see
         ScheduleError,
     )
 
-    from .api import ShardedModule, autoshard, build
+    from .api import ShardedModule, autoshard, build, plan
     from .backend import backend, set_mesh
     from .launch import launch
 
@@ -87,5 +88,5 @@ def load(path: str, sm: ShardedModule) -> None:
 
 __all__ = [
     "AutoshardError", "CaptureError", "CheckpointError", "Choices", "DesyncError", "ScheduleError", "Mesh", "MeshError", "ParamPlan", "Plan", "PlanError",
-    "PlanMismatchError", "ShardedModule", "autoshard", "backend", "build", "launch", "load", "set_mesh",
+    "PlanMismatchError", "ShardedModule", "autoshard", "backend", "build", "launch", "load", "plan", "set_mesh",
 ]

@@ -141,6 +141,34 @@ def autoshard(
     return build(model, mesh, example_inputs, loss_fn=loss_fn, optimizer=optimizer, choices=choices)
 
 
+def plan(model: torch.nn.Module, mesh: Mesh | dict[str, int], example_inputs: Inputs = (), *,
+         loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+         optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
+         choices: Choices | None = None, rank: int = 0, **options: Any) -> Plan:
+    """The :class:`Plan` ``autoshard(model, mesh, ...)`` follows, made without processes.
+
+    ``mesh`` is a :class:`Mesh` or its degrees (``{"dp": 8, "tp": 4}``); the plan is made on a virtual
+    mesh of those degrees, as rank ``rank`` sees it. A model on the meta device (``with
+    torch.device("meta"): model = ...``) is planned without allocating anything: its example inputs
+    are taken to the meta device too, so a model larger than this machine plans here. ``options`` are
+    :func:`autoshard`'s (or pass ``choices``); ``optimizer`` defaults to AdamW, for ZeRO's layout and the
+    optimizer-state terms. ``plan.estimates`` carries ``predicted_device_bytes`` and
+    ``predicted_host_bytes`` (what ``sm.predicted_peak_bytes()`` would say before the first step).
+    """
+    degrees = mesh.degrees if isinstance(mesh, Mesh) else dict(mesh)
+    meta = any(p.is_meta for p in model.parameters())
+    if meta:
+        example_inputs = tree_map(lambda x: x.to("meta") if isinstance(x, torch.Tensor) else x, example_inputs)
+    vmesh = Mesh.virtual(**degrees, rank=rank, device="meta" if meta else None)
+    c = (choices or Choices()).replace(**options) if options else (choices or Choices())
+    sm = build(model, vmesh, example_inputs, loss_fn=loss_fn,
+               optimizer=optimizer or (lambda ps: torch.optim.AdamW(ps)), choices=c)
+    peak = sm.predicted_peak_bytes()
+    sm.plan.estimates["predicted_device_bytes"] = float(peak["device"])
+    sm.plan.estimates["predicted_host_bytes"] = float(peak["host"])
+    return sm.plan
+
+
 def build(model: torch.nn.Module, mesh: Mesh, example_inputs: Inputs = (), *,
           loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
           optimizer: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer] | None = None,
@@ -782,7 +810,8 @@ class ShardedModule(torch.nn.Module):
                 full = self._ep_plan.local(name, full, self.mesh.coord("ep"))
             local = shard_tensor(full, pl.dim, self._tp, self.mesh.coord("tp"), lay.blocks) if pl.is_shard() else full
             # ZeRO-3 partitions it right away: never hold the whole parameter on the device
-            where = "cpu" if self._zero_stage == 3 and src.requires_grad else self.mesh.device
+            where = ("cpu" if self._zero_stage == 3 and src.requires_grad and self.mesh.device.type != "meta"
+                     else self.mesh.device)
             p = torch.nn.Parameter(local.to(where).clone(), requires_grad=src.requires_grad)
             self._params[name] = p
         return p

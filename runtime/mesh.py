@@ -101,9 +101,11 @@ class Mesh:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def virtual(cls, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1, rank: int = 0) -> Mesh:
-        """A mesh with no processes, for planning and for unit tests of passes."""
-        return cls(dp=dp, tp=tp, pp=pp, ep=ep, _virtual_rank=rank)
+    def virtual(cls, *, dp: int = 1, tp: int = 1, pp: int = 1, ep: int = 1, rank: int = 0,
+                device: str | torch.device | None = None) -> Mesh:
+        """A mesh with no processes, for planning and for unit tests of passes (``device="meta"``: a model
+        on the meta device is planned without allocating anything)."""
+        return cls(dp=dp, tp=tp, pp=pp, ep=ep, device=device, _virtual_rank=rank)
 
     @classmethod
     def auto(cls, *, profile: object = None, memory_gib: float | None = None, gpus_per_node: int | None = None,

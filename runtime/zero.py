@@ -351,7 +351,8 @@ class ZeroOptimizer(GradientSync):
         self.last_grad_norm = float("nan")
         self.last_loss = float("nan")  # the loss passed to the last step(), read with its one host copy
         self.zbuckets: list[_Bucket] = []
-        master_device = torch.device("cpu") if offload in ("optimizer", "params") else device
+        meta = torch.device(device).type == "meta"  # planning on a virtual mesh: shapes only, nothing allocated
+        master_device = torch.device("cpu") if offload in ("optimizer", "params") and not meta else device
         norm_weight = norm_weight or {}
         for names, (bgroup, gsize, grank) in zip(buckets, groups):
             parts, part = (gsize, grank) if stage >= 1 else (1, 0)
@@ -361,36 +362,39 @@ class ZeroOptimizer(GradientSync):
             offsets, padded = self._layout(sizes, gsize)
             flat = torch.empty(padded, dtype=self.dtype, device=device) if stage == 3 else \
                 torch.zeros(padded, dtype=self.dtype, device=device)
-            full32 = torch.zeros(padded, dtype=torch.float32)
-            weight = torch.zeros(padded, dtype=torch.float32)  # padding counts for nothing
+            full32 = torch.zeros(padded, dtype=torch.float32, device="meta" if meta else "cpu")
             for n, k, off in zip(names, sizes, offsets):
                 full32[off:off + k] = full_fp32[n].reshape(-1).float()
-                weight[off:off + k] = norm_weight.get(n, 1.0)
-            if parts == 1:
-                weight /= gsize  # every rank of the group holds the whole gradient: count each element once
             sh = padded // parts
             mine = slice(part * sh, (part + 1) * sh)
             local = None
             if stage == 3:  # never hold the whole bucket; with offload keep a pinned compute slice to copy from
                 if offload == "params":
-                    local = _pinned(full32[mine].to(self.dtype), device)
+                    local = full32[mine].to(self.dtype) if meta else _pinned(full32[mine].to(self.dtype), device)
             else:
                 flat.copy_(full32.to(device))
             for n, k, shp, o in zip(names, sizes, shapes, offsets):
                 params[n].data = flat[o:o + k].view(shp)
-            if stage == 3:  # views are made; now free the storage under them
+            if stage == 3 and not meta:  # views are made; now free the storage under them
                 flat.untyped_storage().resize_(0)
             master = torch.nn.Parameter(full32[mine].clone().to(master_device))
             if master_device.type == "cpu" and device.type == "cuda":
                 master.data = master.data.pin_memory()
-            w = weight[mine]
-            live = w[w != 0]  # padding has weight 0, and its gradient is 0 too
-            uniform = live.numel() == 0 or bool((live == live[0]).all())
-            w = None if uniform else w.clone().to(master_device)  # most buckets: one scalar weight
+            # the global norm counts each element once: a weight per parameter (1/replication), divided
+            # by the group size where every rank of the group holds the whole gradient; padding counts 0
+            scale = 1.0 / gsize if parts == 1 else 1.0
+            here = [(n, k, off) for n, k, off in zip(names, sizes, offsets) if off < mine.stop and off + k > mine.start]
+            values = {float(torch.tensor(norm_weight.get(n, 1.0) * scale, dtype=torch.float32)) for n, _, _ in here}
+            w = None
+            if len(values) > 1:  # mixed weights in this slice: one per element (most buckets: one scalar)
+                w = torch.zeros(sh, dtype=torch.float32, device=master_device)
+                for n, k, off in here:
+                    lo, hi = max(off, mine.start) - mine.start, min(off + k, mine.stop) - mine.start
+                    w[lo:hi] = norm_weight.get(n, 1.0) * scale
             self.zbuckets.append(_Bucket(names, offsets, numel, padded, flat, master,
                                          w, local,
                                          "free" if stage == 3 else "ready", group=bgroup, parts=parts, part=part,
-                                         norm_scale=float(live[0]) if uniform and live.numel() else 0.0))
+                                         norm_scale=values.pop() if len(values) == 1 else 0.0))
         super().__init__(params, buckets, group, size, expected=expected, always=True)
         if stage == 3:
             self.max_inflight = 2  # block-sized fp32 reduction buffers: keep two in flight, not four
