@@ -827,7 +827,8 @@ def report(records: list[dict[str, Any]]) -> str:
     for key, rows in sorted(latest_runs(records).items()):
         dates = sorted({r["date"] for r in rows})
         head = f"**{_title(*key)}**, torch {rows[-1]['torch']}, {' to '.join(dict.fromkeys((dates[0], dates[-1])))}"
-        jobs = [[r for r in rows if job(r) == j] for j in dict.fromkeys(job(r) for r in rows)]
+        every = [r for r in records if _group(r) == key]  # older records too: a job's own peer may be superseded
+        jobs = [[r for r in every if job(r) == j] for j in dict.fromkeys(job(r) for r in every)]
         both = [js for js in jobs if summarize(js)["ratio"]]  # jobs that ran a peer and autoshard
         if both and not on_cpu(rows):
             newest = max(both, key=lambda js: max(order[id(r)] for r in js))

@@ -183,3 +183,17 @@ def test_autoshard_triton_kernels_are_classified():
         want = "attention" if n.startswith("block_sparse") else "fused (triton)"
         assert bench.classify(n) == want, n
     assert bench.classify("pointwise_0123456789ab_fwd") == "fused (triton)"
+
+
+def test_report_draws_ratios_only_within_one_job():
+    """Timings compare only within one job: a row from another job gets no ratio, and the header names
+    the newest job that ran both a peer and autoshard, even when a later record superseded one of them."""
+    base = {"model": "m", "gpus": 1, "device": "H100", "seq": 8, "torch": "2.11", "plan": "", "mfu": 0.5,
+            "peak_gib": 1.0, "loss_step1": 1.0}
+    records = [{**base, "system": "compile", "tok_s_gpu": 100.0, "date": "2026-12-01", "commit": "aaa"},
+               {**base, "system": "autoshard:dp=1", "tok_s_gpu": 110.0, "date": "2026-12-01", "commit": "aaa"},
+               {**base, "system": "autoshard:dp=1", "tok_s_gpu": 150.0, "date": "2026-12-02", "commit": "bbb"}]
+    text = bench.report(records)
+    assert "= 1.10× the best peer (compile) in the job of 2026-12-01 at aaa" in text
+    row = next(line for line in text.splitlines() if line.startswith("| autoshard:dp=1"))
+    assert "| - |" in row and "bbb" in row  # the newest record, from a job without a peer: no ratio
