@@ -229,8 +229,8 @@ def compile_step(forward_graph: torch.nn.Module, loss: Callable[[Any, Any], torc
                  compile: bool | None = None, reduce_gradients: bool = True) -> tuple[StepProgram, dict[str, Any]]:
     """Capture the joint graph of ``forward_graph`` + ``loss`` on this batch, add reduction and update,
     and lower it. Returns the program and a report (nodes, collectives, bytes sent per step).
-``reduce_gradients=False`` (host update only): the gradients stay local, only the loss is averaged
-over dp (1-bit Adam after its warm-up averages compressed momenta itself).
+    ``reduce_gradients=False`` (host update only): the gradients stay local, only the loss is averaged
+    over dp (1-bit Adam after its warm-up averages compressed momenta itself).
 
     Raises :class:`Unsupported` or :class:`~autoshard.runtime.errors.CaptureError` when the step cannot be
     expressed; nothing has been changed then.
